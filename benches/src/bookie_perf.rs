@@ -1,0 +1,138 @@
+//! `magnetar perf bookie`: adds entries straight to a bookie, measuring acknowledged throughput
+//! and add latency. At a fixed `--rate`, latency is measured from each add's intended send time,
+//! so a stall is charged to every add it delays (no coordinated omission).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use magnetar_bookie::client::conn::BookieConn;
+use magnetar_common::bookie_proto::{Reply, Request};
+use magnetar_common::entry::encode_entry;
+use rand::RngCore;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::stats::Recorder;
+
+#[derive(Debug, Args)]
+pub struct BookiePerfArgs {
+    /// Bookie protocol address.
+    #[arg(long, default_value = "127.0.0.1:3181")]
+    pub bookie: String,
+    /// Payload bytes per entry.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Adds per second (0: as fast as acknowledgements allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Most adds in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub in_flight: usize,
+    /// Seconds to run (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub time: u64,
+    /// Seconds of warm-up not counted.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Number of ledgers written round-robin.
+    #[arg(long, default_value_t = 4)]
+    pub ledgers: u64,
+    /// First ledger id used (pick one the bookie has not seen).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub first_ledger: u64,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub async fn run(args: BookiePerfArgs) -> anyhow::Result<()> {
+    if args.size == 0 || args.in_flight == 0 || args.ledgers == 0 {
+        bail!("--size, --in-flight and --ledgers must be positive");
+    }
+    let conn = Arc::new(BookieConn::new("bench".into(), args.bookie.clone(), Duration::from_secs(5)));
+    conn.call(Request::Health, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("reach bookie at {}", args.bookie))?;
+    let mut noise = vec![0u8; (args.size * 2).max(1 << 20)];
+    rand::rng().fill_bytes(&mut noise);
+    let noise = Bytes::from(noise);
+    let rec = Arc::new(Mutex::new(Recorder::new()));
+    let sem = Arc::new(Semaphore::new(args.in_flight));
+    let next_entry: Vec<u64> = vec![0; args.ledgers as usize];
+    let next_entry = Arc::new(std::sync::Mutex::new(next_entry));
+    let start = Instant::now();
+    let warm_end = start + Duration::from_secs(args.warmup);
+    let end = warm_end + Duration::from_secs(args.time);
+    let label = format!("bookie add {}B", args.size);
+    let ticker = {
+        let rec = rec.clone();
+        let sem = sem.clone();
+        let in_flight = args.in_flight;
+        let label = label.clone();
+        tokio::spawn(async move {
+            let mut t =
+                tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+            let mut warm = true;
+            loop {
+                t.tick().await;
+                let mut r = rec.lock().await;
+                if warm && Instant::now() >= warm_end {
+                    warm = false;
+                    r.restart();
+                    continue;
+                }
+                r.tick(if warm { "warm-up" } else { &label }, in_flight - sem.available_permits());
+            }
+        })
+    };
+    let mut i = 0u64;
+    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut tasks = tokio::task::JoinSet::new();
+    while Instant::now() < end {
+        let intended = match interval {
+            Some(iv) => {
+                let t = start + iv.mul_f64(i as f64);
+                if let Some(wait) = t.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+                t
+            }
+            None => Instant::now(),
+        };
+        let permit = sem.clone().acquire_owned().await?;
+        let ledger_slot = i % args.ledgers;
+        let entry_id = {
+            let mut n = next_entry.lock().unwrap_or_else(|p| p.into_inner());
+            let e = n[ledger_slot as usize];
+            n[ledger_slot as usize] += 1;
+            e
+        };
+        let ledger = args.first_ledger + ledger_slot;
+        let off = (i as usize * 61) % (noise.len() - args.size);
+        let entry = encode_entry(ledger, entry_id, entry_id as i64 - 1, &noise[off..off + args.size]);
+        let conn = conn.clone();
+        let rec = rec.clone();
+        let size = args.size as u64;
+        tasks.spawn(async move {
+            let r = conn.call(Request::Add { flags: 0, entry }, Duration::from_secs(30)).await;
+            let lat = intended.elapsed();
+            let mut rec = rec.lock().await;
+            match r {
+                Ok(Reply::Add { .. }) => rec.ok(lat, size),
+                _ => rec.error(),
+            }
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+        i += 1;
+    }
+    while tasks.join_next().await.is_some() {}
+    ticker.abort();
+    let summary = rec.lock().await.summary(&label);
+    summary.print();
+    crate::cli::write_json(&args.json, &summary)?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Magnetar's load-test tool (`magnetar perf ...`) and benchmarks.
+
+pub mod bookie_perf;
+pub mod cli;
+pub mod stats;

@@ -1,0 +1,327 @@
+//! The journal: the bookie's write-ahead log. An add is acknowledged only once its record is
+//! on disk (fdatasync'd, unless `journal.fsync = false`).
+//!
+//! One thread owns the journal file. It takes every record waiting in its queue, writes them with
+//! one `write`, and issues one `fdatasync` for the whole group (group commit): when the queue is
+//! empty (`flush_when_idle`), when `group_commit_max_bytes` are buffered, or when the oldest
+//! record has waited `group_commit_max_wait`. Completions are handed to a second thread, so the
+//! journal thread goes straight back to the disk while callers are answered.
+//!
+//! Files are preallocated in chunks and rotated at `max_file_bytes`. After a write or fsync error
+//! the file is no longer trusted: the failed group is reported as failed and the next group goes
+//! to a new file. This module never deletes a file newer than the checkpoint it is given.
+
+pub mod format;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use tracing::{error, info, warn};
+
+use crate::config::JournalConfig;
+use crate::metrics::Metrics;
+
+/// A position in the journal: file id and byte offset (just after a record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct JournalPos {
+    pub file_id: u64,
+    pub offset: u64,
+}
+
+/// Why a record was not made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal write failed: {message}")]
+    Io { message: String, no_space: bool },
+    #[error("journal is shut down")]
+    Closed,
+}
+
+/// Called once per record, on the completion thread, in journal order.
+pub type Completion = Box<dyn FnOnce(Result<JournalPos, JournalError>) + Send>;
+
+enum Op {
+    Append { kind: u8, body: Bytes, enqueued: Instant, done: Completion },
+}
+
+type Batch = Vec<(Completion, Result<JournalPos, JournalError>)>;
+
+/// Handle to the journal threads. Dropping it (or [`Journal::shutdown`]) drains the queue first.
+#[derive(Debug)]
+pub struct Journal {
+    tx: Mutex<Option<Sender<Op>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    dir: PathBuf,
+    /// Set after a write error until a new file has been opened successfully.
+    failed: Arc<AtomicBool>,
+    /// Id of the file being written.
+    current_file: Arc<AtomicU64>,
+}
+
+impl Journal {
+    /// Starts writing a new journal file `file_id` in `dir`.
+    pub fn start(dir: &Path, file_id: u64, config: JournalConfig, metrics: Arc<Metrics>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let file = JournalFile::create(dir, file_id, config.preallocate_bytes.as_u64())?;
+        let (tx, rx) = crossbeam_channel::unbounded::<Op>();
+        let (ctx, crx) = crossbeam_channel::unbounded::<Batch>();
+        let failed = Arc::new(AtomicBool::new(false));
+        let current_file = Arc::new(AtomicU64::new(file_id));
+        let mut w = Writer {
+            dir: dir.to_path_buf(),
+            config,
+            file,
+            metrics,
+            failed: failed.clone(),
+            current_file: current_file.clone(),
+            buf: BytesMut::new(),
+        };
+        let writer = std::thread::Builder::new().name("journal".into()).spawn(move || w.run(rx, ctx))?;
+        let completer = std::thread::Builder::new().name("journal-complete".into()).spawn(move || {
+            for batch in crx {
+                for (done, result) in batch {
+                    done(result);
+                }
+            }
+        })?;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(vec![writer, completer]),
+            dir: dir.to_path_buf(),
+            failed,
+            current_file,
+        })
+    }
+
+    /// Queues a record; `done` runs once it is durable (or failed).
+    pub fn append(&self, kind: u8, body: Bytes, done: Completion) {
+        let op = Op::Append { kind, body, enqueued: Instant::now(), done };
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(crossbeam_channel::SendError(Op::Append { done, .. })) = tx.send(op) {
+                    done(Err(JournalError::Closed));
+                }
+            }
+            None => {
+                let Op::Append { done, .. } = op;
+                done(Err(JournalError::Closed))
+            }
+        }
+    }
+
+    /// True after a write failure, until the journal has moved to a new file.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Deletes journal files older than `file_id` (everything in them is checkpointed).
+    pub fn delete_before(&self, file_id: u64) -> io::Result<usize> {
+        let mut n = 0;
+        for id in format::list_files(&self.dir)? {
+            if id < file_id {
+                std::fs::remove_file(format::file_name(&self.dir, id))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Id of the journal file being written.
+    pub fn current_file_id(&self) -> u64 {
+        self.current_file.load(Ordering::Relaxed)
+    }
+
+    /// Completes every queued record, then stops the threads.
+    pub fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct JournalFile {
+    file: File,
+    id: u64,
+    offset: u64,
+    allocated: u64,
+}
+
+impl JournalFile {
+    fn create(dir: &Path, id: u64, prealloc: u64) -> io::Result<Self> {
+        let path = format::file_name(dir, id);
+        let mut file = OpenOptions::new().create_new(true).write(true).open(&path)?;
+        file.write_all(&format::header(id))?;
+        let mut jf = Self { file, id, offset: format::HEADER_BYTES, allocated: format::HEADER_BYTES };
+        jf.ensure_allocated(prealloc, prealloc)?;
+        jf.file.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        Ok(jf)
+    }
+
+    /// Makes sure `need` more bytes fit in the preallocated region.
+    fn ensure_allocated(&mut self, need: u64, chunk: u64) -> io::Result<()> {
+        if self.offset + need <= self.allocated {
+            return Ok(());
+        }
+        let grow = (self.offset + need - self.allocated).max(chunk);
+        rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), self.allocated, grow)?;
+        self.allocated += grow;
+        Ok(())
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    config: JournalConfig,
+    file: JournalFile,
+    metrics: Arc<Metrics>,
+    failed: Arc<AtomicBool>,
+    current_file: Arc<AtomicU64>,
+    buf: BytesMut,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Op>, completions: Sender<Batch>) {
+        let max_bytes = self.config.group_commit_max_bytes.as_u64() as usize;
+        let max_wait = self.config.group_commit_max_wait;
+        while let Ok(first) = rx.recv() {
+            let mut pending = Vec::new();
+            let Op::Append { enqueued: oldest, .. } = &first;
+            let deadline = *oldest + max_wait;
+            self.push(first, &mut pending);
+            while self.buf.len() < max_bytes {
+                match rx.try_recv() {
+                    Ok(op) => self.push(op, &mut pending),
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) if self.config.flush_when_idle => break,
+                    Err(TryRecvError::Empty) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(op) => self.push(op, &mut pending),
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            self.metrics.journal_queue_depth.set(rx.len() as i64);
+            let batch = self.commit(pending);
+            if completions.send(batch).is_err() {
+                return;
+            }
+        }
+        let _ = self.file.file.sync_data();
+    }
+
+    fn push(&mut self, op: Op, pending: &mut Vec<(Completion, u64)>) {
+        let Op::Append { kind, body, done, .. } = op;
+        format::put_record(&mut self.buf, kind, &body);
+        pending.push((done, self.buf.len() as u64));
+    }
+
+    /// Writes the buffered group and syncs it; returns each record's outcome.
+    fn commit(&mut self, pending: Vec<(Completion, u64)>) -> Batch {
+        let len = self.buf.len() as u64;
+        let result = self.write_group(len);
+        let base = self.file.offset - if result.is_ok() { len } else { 0 };
+        let file_id = self.file.id;
+        self.buf.clear();
+        match result {
+            Ok(()) => {
+                self.metrics.journal_bytes.inc_by(len);
+                pending.into_iter().map(|(done, end)| (done, Ok(JournalPos { file_id, offset: base + end }))).collect()
+            }
+            Err(e) => {
+                error!(error = %e, file_id, "write journal group; the file is abandoned and the group failed");
+                self.failed.store(true, Ordering::Relaxed);
+                let err = JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull };
+                pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect()
+            }
+        }
+    }
+
+    fn write_group(&mut self, len: u64) -> io::Result<()> {
+        let max_file = self.config.max_file_bytes.as_u64();
+        if self.failed.load(Ordering::Relaxed) || self.file.offset + len > max_file {
+            self.rotate()?;
+        }
+        let prealloc = self.config.preallocate_bytes.as_u64();
+        self.file.ensure_allocated(len, prealloc)?;
+        self.file.file.write_all(&self.buf)?;
+        self.file.offset += len;
+        self.metrics.journal_groups.inc();
+        if self.config.fsync {
+            let start = Instant::now();
+            self.file.file.sync_data()?;
+            self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let next = self.file.id + 1;
+        if !self.failed.load(Ordering::Relaxed) {
+            self.file.file.sync_data()?;
+        }
+        let file = JournalFile::create(&self.dir, next, self.config.preallocate_bytes.as_u64())?;
+        if self.failed.swap(false, Ordering::Relaxed) {
+            warn!(file_id = next, "journal resumed on a new file after a write failure");
+        } else {
+            info!(file_id = next, "journal rotated");
+        }
+        self.file = file;
+        self.current_file.store(next, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Replays every record from `from` onward across the files in `dir`, in order, calling
+/// `f(kind, body, pos_after)`. Returns the id the next journal file must take.
+pub fn replay(
+    dir: &Path,
+    from: JournalPos,
+    max_record_bytes: usize,
+    mut f: impl FnMut(u8, Bytes, JournalPos),
+) -> io::Result<u64> {
+    std::fs::create_dir_all(dir)?;
+    let files = format::list_files(dir)?;
+    let mut replayed = 0u64;
+    for &id in files.iter().filter(|&&id| id >= from.file_id) {
+        let start = if id == from.file_id { from.offset } else { 0 };
+        let path = format::file_name(dir, id);
+        let (end, pos) = format::scan_file(&path, id, start, max_record_bytes, |kind, body, end| {
+            replayed += 1;
+            f(kind, body, JournalPos { file_id: id, offset: end });
+        })?;
+        match end {
+            format::ScanEnd::Clean => {}
+            other => {
+                warn!(file_id = id, offset = pos, end = ?other, "journal replay stopped at a torn or corrupt tail; records after it were never acknowledged")
+            }
+        }
+    }
+    info!(records = replayed, from_file = from.file_id, "journal replayed");
+    Ok(files.last().map_or(from.file_id.max(1), |&last| last + 1))
+}
+
+#[cfg(test)]
+mod tests;

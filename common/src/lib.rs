@@ -1,0 +1,9 @@
+//! Magnetar's shared pieces: wire codecs that do no I/O, identifiers, configuration helpers,
+//! and the metadata-store trait with its etcd and embedded implementations.
+
+pub mod bookie_proto;
+pub mod config;
+pub mod entry;
+pub mod metadata;
+#[cfg(feature = "testing")]
+pub mod testing;
