@@ -64,7 +64,9 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
         }
         let _ = wr.shutdown().await;
     });
-    let max_frame = storage.config().max_entry_bytes.as_u64() as usize + 1024;
+    // Entries somewhat over the limit get a clean TooLarge answer; frames far over it close the
+    // connection without being buffered.
+    let max_frame = 2 * storage.config().max_entry_bytes.as_u64() as usize + 1024;
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = BytesMut::with_capacity(256 * 1024);
     'read: loop {

@@ -1,0 +1,190 @@
+//! Shared helpers of the integration tests: real `magnetar` processes on ephemeral ports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Generous deadline for anything a test waits for.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn magnetar() -> &'static str {
+    env!("CARGO_BIN_EXE_magnetar")
+}
+
+/// A `magnetar bookie` child process.
+#[derive(Debug)]
+pub struct BookieProc {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub addr: String,
+    pub http: String,
+    child: Option<Child>,
+}
+
+impl BookieProc {
+    /// Writes a config (`extra` TOML appended) and starts the bookie; waits until it listens.
+    pub fn start(dir: &Path, id: &str, metadata_url: &str, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let config = dir.join("bookie.toml");
+        let toml = format!(
+            "bookie_id = \"{id}\"\nlisten_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             metadata_url = \"{metadata_url}\"\nregistration_ttl = \"3s\"\n\
+             journal_dir = \"{j}\"\nledger_dir = \"{l}\"\n{extra}\n",
+            j = dir.join("journal").display(),
+            l = dir.join("ledgers").display(),
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let mut b =
+            Self { id: id.into(), dir: dir.into(), config, addr: String::new(), http: String::new(), child: None };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("bookie.log")).expect("log file");
+        let mut child = Command::new(magnetar())
+            .args(["bookie", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn magnetar bookie");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(" listening on ") => {
+                    // "bookie ID listening on ADDR (http ADDR)"
+                    let parts: Vec<&str> = line.split_whitespace().collect();
+                    self.addr = parts[4].to_string();
+                    self.http = parts[6].trim_end_matches(')').to_string();
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("bookie {} did not start; log:\n{}", self.id, self.log());
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bookie.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let c = self.child.take().expect("running");
+        let pid = c.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        wait_exit(c)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+
+    /// Runs the bookie expecting it to refuse to start; returns its stderr.
+    pub fn start_expecting_failure(&self) -> String {
+        let out = Command::new(magnetar())
+            .args(["bookie", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+            .wait_with_output()
+            .expect("wait");
+        assert!(!out.status.success(), "bookie was expected to refuse to start");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn wait_exit(mut c: Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(s) = c.try_wait().expect("try_wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("process did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for BookieProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, up to the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deterministic payload for (ledger, entry) of a given size.
+pub fn payload(ledger: u64, entry: u64, size: usize) -> Vec<u8> {
+    let mut x = ledger.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ entry.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A blocking HTTP GET of `http://addr/path`, returning (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, body)
+}
