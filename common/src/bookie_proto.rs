@@ -520,6 +520,28 @@ mod tests {
         assert_eq!(&buf[..], &[0, 0, 0, 15, 0x81, 0, 0, 0, 0, 0, 0, 0, 1, 0, 3, 0, 2, b'r', b'o']);
     }
 
+    /// Deterministic pseudo-random inputs (the fuzz target in `fuzz/` explores further).
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..20_000 {
+            let len = (round % 64) + 1;
+            let mut data = Vec::with_capacity(len + 4);
+            // Mostly plausible lengths, so decoding goes past the header.
+            data.extend_from_slice(&(len as u32).to_be_bytes());
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.push(x as u8);
+            }
+            let mut a = BytesMut::from(&data[..]);
+            let _ = decode_request(&mut a, 1 << 20);
+            let mut b = BytesMut::from(&data[..]);
+            let _ = decode_response(&mut b, 1 << 20);
+        }
+    }
+
     #[test]
     fn oversized_and_malformed_frames_are_errors() {
         let mut buf = BytesMut::from(&[0u8, 0x10, 0, 0][..]);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use magnetar_common::metadata::{PutOptions, SharedStore, Version};
+use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version};
 use serde::{Deserialize, Serialize};
 
 use super::LedgerError;
@@ -100,6 +100,11 @@ pub fn decode(ledger_id: u64, b: &[u8]) -> Result<LedgerMetadata, LedgerError> {
     Ok(m)
 }
 
+/// Writes `md` if the stored metadata is still at `version` (compare-and-swap).
+pub async fn cas(store: &SharedStore, md: &LedgerMetadata, version: Version) -> Result<Version, MetadataError> {
+    store.put(&key(md.ledger_id), encode(md), PutOptions::version(version)).await
+}
+
 pub async fn read(store: &SharedStore, ledger_id: u64) -> Result<(LedgerMetadata, Version), LedgerError> {
     match store.get(&key(ledger_id)).await? {
         Some(v) => Ok((decode(ledger_id, &v.value)?, v.version)),
@@ -120,7 +125,7 @@ pub async fn allocate_id(store: &SharedStore) -> Result<u64, LedgerError> {
         };
         match store.put(ID_COUNTER_KEY, Bytes::from(next.to_string()), opts).await {
             Ok(_) => return Ok(next),
-            Err(magnetar_common::metadata::MetadataError::Conflict { .. }) => continue,
+            Err(MetadataError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use magnetar_common::bookie_proto::{Reply, Request, Status};
-use magnetar_common::metadata::{MetadataError, PutOptions};
+use magnetar_common::metadata::MetadataError;
 use tracing::info;
 
 use super::meta::{self, LedgerState};
@@ -28,7 +28,7 @@ pub(super) async fn recover(shared: Arc<Shared>, ledger_id: u64) -> Result<Ledge
             LedgerState::Open => {
                 let mut next = md.clone();
                 next.state = LedgerState::InRecovery;
-                match shared.store.put(&meta::key(ledger_id), meta::encode(&next), PutOptions::version(version)).await {
+                match meta::cas(&shared.store, &next, version).await {
                     Ok(v) => {
                         md = next;
                         version = v;
@@ -107,7 +107,7 @@ pub(super) async fn recover(shared: Arc<Shared>, ledger_id: u64) -> Result<Ledge
     let (mut md, version) = writer.finish().await?;
     md.state = LedgerState::Closed;
     md.last_entry_id = next as i64 - 1;
-    match shared.store.put(&meta::key(ledger_id), meta::encode(&md), PutOptions::version(version)).await {
+    match meta::cas(&shared.store, &md, version).await {
         Ok(_) => {
             info!(
                 ledger_id,

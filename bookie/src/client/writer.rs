@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use magnetar_common::bookie_proto::{ADD_FLAG_RECOVERY, Reply, Request, Status};
 use magnetar_common::entry::encode_entry;
-use magnetar_common::metadata::{MetadataError, PutOptions, Version};
+use magnetar_common::metadata::{MetadataError, Version};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -363,12 +363,7 @@ impl Actor {
                 Some(last) if last.first_entry == first_entry => last.bookies = bookies.clone(),
                 _ => md.fragments.push(Fragment { first_entry, bookies: bookies.clone() }),
             }
-            match self
-                .shared
-                .store
-                .put(&meta::key(md.ledger_id), meta::encode(&md), PutOptions::version(self.version))
-                .await
-            {
+            match meta::cas(&self.shared.store, &md, self.version).await {
                 Ok(v) => {
                     info!(ledger_id = md.ledger_id, %failed, ensemble = ?bookies, first_entry, "ensemble changed");
                     self.md = md;
@@ -435,12 +430,7 @@ impl Actor {
         md.state = LedgerState::Closed;
         md.last_entry_id = self.lac;
         md.length = self.length;
-        match self
-            .shared
-            .store
-            .put(&meta::key(md.ledger_id), meta::encode(&md), PutOptions::version(self.version))
-            .await
-        {
+        match meta::cas(&self.shared.store, &md, self.version).await {
             Ok(v) => {
                 self.md = md.clone();
                 self.version = v;

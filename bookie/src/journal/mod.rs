@@ -206,6 +206,8 @@ impl Writer {
             let Op::Append { enqueued: oldest, .. } = &first;
             let deadline = *oldest + max_wait;
             self.push(first, &mut pending);
+            // Take everything already queued (up to max_bytes); `max_wait` only bounds how long
+            // the group waits for records that have not arrived yet.
             while self.buf.len() < max_bytes {
                 match rx.try_recv() {
                     Ok(op) => self.push(op, &mut pending),
@@ -213,14 +215,14 @@ impl Writer {
                     Err(TryRecvError::Empty) if self.config.flush_when_idle => break,
                     Err(TryRecvError::Empty) => {
                         let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
                         match rx.recv_timeout(left) {
                             Ok(op) => self.push(op, &mut pending),
                             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                         }
                     }
-                }
-                if Instant::now() >= deadline {
-                    break;
                 }
             }
             self.metrics.journal_queue_depth.set(rx.len() as i64);

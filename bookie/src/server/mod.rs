@@ -151,7 +151,11 @@ impl BookieServer {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         for t in self.tasks {
-            let _ = t.await;
+            // An HTTP client holding a keep-alive connection must not hold shutdown forever.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), t).await.is_err() {
+                abort.abort();
+            }
         }
         let storage = self.storage.clone();
         let _ = tokio::task::spawn_blocking(move || storage.shutdown()).await;
