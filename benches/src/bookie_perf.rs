@@ -48,6 +48,31 @@ pub struct BookiePerfArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Paces a fixed rate from a dedicated thread: `std::thread::sleep` is precise to tens of
+/// microseconds, where the async timer rounds to whole milliseconds and would charge its own lag
+/// to every measured latency. Sends each add's intended send time.
+pub(crate) fn pace(start: Instant, end: Instant, rate: u64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    std::thread::spawn(move || {
+        let mut i = 0u64;
+        loop {
+            let t = start + interval.mul_f64(i as f64);
+            if t >= end {
+                return;
+            }
+            if let Some(wait) = t.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tx.send(t).is_err() {
+                return;
+            }
+            i += 1;
+        }
+    });
+    rx
+}
+
 pub async fn run(args: BookiePerfArgs) -> anyhow::Result<()> {
     if args.size == 0 || args.in_flight == 0 || args.ledgers == 0 {
         bail!("--size, --in-flight and --ledgers must be positive");
@@ -89,17 +114,14 @@ pub async fn run(args: BookiePerfArgs) -> anyhow::Result<()> {
         })
     };
     let mut i = 0u64;
-    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut pacer = (args.rate > 0).then(|| pace(start, end, args.rate));
     let mut tasks = tokio::task::JoinSet::new();
     while Instant::now() < end {
-        let intended = match interval {
-            Some(iv) => {
-                let t = start + iv.mul_f64(i as f64);
-                if let Some(wait) = t.checked_duration_since(Instant::now()) {
-                    tokio::time::sleep(wait).await;
-                }
-                t
-            }
+        let intended = match pacer.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(t) => t,
+                None => break,
+            },
             None => Instant::now(),
         };
         let permit = sem.clone().acquire_owned().await?;

@@ -43,7 +43,7 @@ pub struct JournalConfig {
     /// are only in the OS page cache: a power loss or kernel crash loses them (a process crash
     /// does not). Replicas on other bookies are then the only protection.
     pub fsync: bool,
-    /// Longest a record waits for its group commit while more records keep arriving.
+    /// With `flush_when_idle = false`: how long a group waits for more records to arrive.
     #[serde(with = "humantime_serde")]
     pub group_commit_max_wait: Duration,
     /// A group commit is issued once this many bytes are buffered.
@@ -114,7 +114,7 @@ impl Default for JournalConfig {
             group_commit_max_wait: Duration::from_millis(1),
             group_commit_max_bytes: ByteSize::kib(512),
             flush_when_idle: true,
-            max_file_bytes: ByteSize::mib(512),
+            max_file_bytes: ByteSize::mib(256),
             preallocate_bytes: ByteSize::mib(16),
         }
     }
@@ -139,6 +139,9 @@ impl Default for DiskConfig {
     }
 }
 
+/// The largest `max_entry_bytes` a configuration may set.
+pub const MAX_ENTRY_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+
 fn fail<T>(msg: String) -> Result<T, ConfigError> {
     Err(ConfigError(msg))
 }
@@ -157,7 +160,7 @@ impl RoleConfig for BookieConfig {
             return fail("journal_dir and ledger_dir must be set".into());
         }
         let max_entry = self.max_entry_bytes.as_u64();
-        if !(64..=64 * 1024 * 1024).contains(&max_entry) {
+        if !(64..=MAX_ENTRY_BYTES_LIMIT).contains(&max_entry) {
             return fail(format!("max_entry_bytes is {max_entry}; it must be between 64 B and 64 MiB"));
         }
         if self.storage.write_cache_bytes.as_u64() < 2 * max_entry {

@@ -25,8 +25,9 @@ pub struct Cookie {
 pub enum CookieError {
     #[error(
         "the metadata store says bookie {bookie_id} holds data (instance {instance_id}) but {dir} has no cookie: \
-         the disk was wiped or replaced. If the bookie is meant to start empty, decommission it first \
-         (delete metadata key {key}) so its ledgers are re-replicated, then start it again"
+         the disk was wiped or replaced. Start the empty disk under a new bookie_id; reusing this id with an empty disk would make \
+         it answer \"not found\" for entries it acknowledged. Only if its ledgers are known to be safe elsewhere, \
+         delete metadata key {key} to reuse the id"
     )]
     EmptyDiskKnownBookie { bookie_id: String, instance_id: String, dir: String, key: String },
     #[error(

@@ -53,10 +53,10 @@ impl Metrics {
         };
         registry.register("adds", "Entries added and acknowledged", m.adds.clone());
         registry.register("add_bytes", "Bytes of entries added", m.add_bytes.clone());
-        registry.register("add_errors", "Adds refused or failed", m.add_errors.clone());
+        registry.register("add_errors", "Adds accepted for journaling that then failed (I/O)", m.add_errors.clone());
         registry.register("reads", "Entries read", m.reads.clone());
         registry.register("read_bytes", "Bytes of entries read", m.read_bytes.clone());
-        registry.register("read_errors", "Reads that failed (not found excluded)", m.read_errors.clone());
+        registry.register("read_errors", "Reads that found corrupt data", m.read_errors.clone());
         registry.register("journal_fsync_seconds", "Journal group-commit fdatasync latency", m.fsync_seconds.clone());
         registry.register("journal_queue_depth", "Records waiting for the journal", m.journal_queue_depth.clone());
         registry.register("journal_written_bytes", "Bytes written to the journal", m.journal_bytes.clone());

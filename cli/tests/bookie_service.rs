@@ -7,8 +7,10 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
-use magnetar_bookie::client::LedgerError;
+use std::collections::BTreeMap;
+
 use magnetar_bookie::client::conn::BookieConn;
+use magnetar_bookie::client::{LedgerClient, LedgerClientConfig, LedgerError};
 use magnetar_common::bookie_proto::{Reply, Request, Status};
 use magnetar_common::entry::encode_entry;
 use magnetar_common::metadata;
@@ -61,6 +63,20 @@ async fn bad_input_gets_clear_errors_and_only_its_connection_closes() {
     let mut resp = Vec::new();
     raw.read_to_end(&mut resp).expect("read until close");
     assert_eq!(u16::from_be_bytes([resp[13], resp[14]]), Status::TooLarge.code());
+
+    // A ledger writer whose entry is refused as too large fails with that error; it does not
+    // mistake the refusal for a failed bookie and change the ensemble.
+    let store = metadata::connect(&etcd.url("/bad")).await.expect("store");
+    let client = LedgerClient::new(store, LedgerClientConfig::default()).await.expect("client");
+    support::wait_for("the bookie registered", || {
+        let n = client.registry().live().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let w = client.create(1, 1, 1, BTreeMap::new()).await.expect("create");
+    let err = w.append(Bytes::from(vec![1u8; 65 * 1024])).await.expect_err("too large");
+    assert!(matches!(&err, LedgerError::Bookie { status: Status::TooLarge, .. }), "{err}");
+    assert_eq!(client.metadata(w.ledger_id()).await.expect("md").fragments.len(), 1);
 
     // The well-behaved connection was not affected.
     match good.call(Request::Read { ledger_id: 1, entry_id: 0 }, T).await {

@@ -11,8 +11,6 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Bytes before a frame's body: length, kind, request id.
 pub const FRAME_HEADER_BYTES: usize = 4 + 1 + 8;
-/// Default largest frame a peer accepts (5 MiB entries plus headroom).
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 5 * 1024 * 1024 + 64 * 1024;
 const RESPONSE_BIT: u8 = 0x80;
 
 /// Request kinds.

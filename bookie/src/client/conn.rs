@@ -39,7 +39,8 @@ impl BookieConn {
             address: Mutex::new(address),
             conn: tokio::sync::Mutex::new(None),
             connect_timeout,
-            max_frame: 64 << 20,
+            // Replies carry entries up to the largest max_entry_bytes a bookie may configure.
+            max_frame: crate::config::MAX_ENTRY_BYTES_LIMIT as usize + (1 << 20),
         }
     }
 

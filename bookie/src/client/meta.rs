@@ -118,7 +118,12 @@ pub async fn allocate_id(store: &SharedStore) -> Result<u64, LedgerError> {
         let cur = store.get(ID_COUNTER_KEY).await?;
         let (next, opts) = match &cur {
             Some(v) => {
-                let n: u64 = std::str::from_utf8(&v.value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let n: u64 = std::str::from_utf8(&v.value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    LedgerError::Invalid(format!(
+                        "{ID_COUNTER_KEY} holds {:?}, not a number",
+                        String::from_utf8_lossy(&v.value)
+                    ))
+                })?;
                 (n + 1, PutOptions::version(v.version))
             }
             None => (1, PutOptions::absent()),

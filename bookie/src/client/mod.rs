@@ -208,8 +208,9 @@ impl LedgerClient {
         bookies.sort();
         bookies.dedup();
         for b in bookies {
-            // A bookie that is down keeps the ledger until its own garbage collection; the
-            // metadata is what makes the ledger gone for readers.
+            // A bookie that is down keeps the ledger's data (reclaiming it from bookies that
+            // missed the delete is not implemented yet); the metadata is what makes the ledger
+            // gone for readers.
             if let Err(e) = self.shared.call(b, Request::Delete { ledger_id }, self.shared.config.read_timeout).await {
                 tracing::warn!(ledger_id, bookie = %b, error = %e, "delete ledger on bookie");
             }

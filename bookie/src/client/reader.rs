@@ -11,6 +11,9 @@ use magnetar_common::entry::Entry;
 use super::meta::{self, LedgerMetadata};
 use super::{LedgerError, Shared};
 
+/// Most single-entry reads in flight at once for a striped fragment.
+const STRIPED_READ_CONCURRENCY: u64 = 128;
+
 /// A ledger open for reading.
 #[derive(Debug)]
 pub struct LedgerReader {
@@ -89,9 +92,14 @@ impl LedgerReader {
             if bookies.len() == self.md.write_quorum {
                 self.read_striped_none(bookies, next, frag_end, &mut out).await?;
             } else {
-                let reads = (next..=frag_end).map(|e| self.read_one(bookies, e));
-                for r in join_all(reads).await {
-                    out.push(r?);
+                // Entries striped over the ensemble: single reads, a bounded number at a time.
+                let mut e = next;
+                while e <= frag_end {
+                    let chunk_end = frag_end.min(e + STRIPED_READ_CONCURRENCY - 1);
+                    for r in join_all((e..=chunk_end).map(|x| self.read_one(bookies, x))).await {
+                        out.push(r?);
+                    }
+                    e = chunk_end + 1;
                 }
             }
             next = frag_end + 1;

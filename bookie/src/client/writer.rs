@@ -25,6 +25,11 @@ use super::{LedgerError, Shared};
 
 type Reply1 = oneshot::Sender<Result<u64, LedgerError>>;
 
+/// An overloaded bookie is retried after this delay...
+const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// ...this many times for one entry (about 5 s), then replaced like a failed bookie.
+const MAX_OVERLOADED_RETRIES: u32 = 100;
+
 enum Cmd {
     Append { payload: Bytes, reply: Reply1 },
     AppendRaw { entry_id: u64, raw: Bytes, reply: Reply1 },
@@ -44,6 +49,8 @@ struct Pending {
     payload_len: u64,
     /// Bookies of the entry's current write set that stored it.
     acked: Vec<String>,
+    /// "Overloaded" answers so far; past a bound the bookie is treated as failed.
+    overloaded: u32,
     reply: Option<Reply1>,
 }
 
@@ -204,6 +211,7 @@ impl Actor {
                     raw,
                     payload_len: payload.len() as u64,
                     acked: Vec::new(),
+                    overloaded: 0,
                     reply: Some(reply),
                 });
             }
@@ -221,7 +229,14 @@ impl Actor {
                 }
                 self.next_entry += 1;
                 let payload_len = raw.len().saturating_sub(magnetar_common::entry::ENTRY_HEADER_BYTES) as u64;
-                self.enqueue(Pending { entry_id, raw, payload_len, acked: Vec::new(), reply: Some(reply) });
+                self.enqueue(Pending {
+                    entry_id,
+                    raw,
+                    payload_len,
+                    acked: Vec::new(),
+                    overloaded: 0,
+                    reply: Some(reply),
+                });
             }
             Cmd::Close { reply } => self.closing = Some(Closing::Close(reply)),
             Cmd::Finish { reply } => self.closing = Some(Closing::Finish(reply)),
@@ -294,9 +309,17 @@ impl Actor {
                 warn!(ledger_id = self.md.ledger_id, bookie = %ev.bookie, "ledger fenced: another writer recovered it");
                 self.fail(LedgerError::Fenced(self.md.ledger_id));
             }
-            Err(e) if e.status() == Some(Status::Overloaded) => {
+            Err(e) if matches!(e.status(), Some(Status::TooLarge | Status::BadRequest)) => {
+                // The entry itself is refused: another bookie would refuse it too.
+                warn!(ledger_id = self.md.ledger_id, bookie = %ev.bookie, error = %e, "entry refused; the writer stops");
+                self.fail(e);
+            }
+            Err(e)
+                if e.status() == Some(Status::Overloaded) && self.pending[pos].overloaded < MAX_OVERLOADED_RETRIES =>
+            {
+                self.pending[pos].overloaded += 1;
                 let raw = self.pending[pos].raw.clone();
-                self.send(ev.entry_id, raw, ev.bookie, Duration::from_millis(50));
+                self.send(ev.entry_id, raw, ev.bookie, OVERLOADED_RETRY_DELAY);
             }
             Err(e) => {
                 warn!(ledger_id = self.md.ledger_id, bookie = %ev.bookie, entry = ev.entry_id, error = %e, "add failed; replacing the bookie");

@@ -21,6 +21,9 @@ const MAGIC: &[u8; 8] = b"MAGELOG1";
 pub const HEADER_BYTES: u64 = 16;
 /// Bytes before each entry in a log.
 pub const RECORD_PREFIX_BYTES: u64 = 4;
+/// A flush syncs the log every this many bytes, so its writes reach the disk in small pieces
+/// that journal syncs can interleave with, instead of one burst that stalls them.
+const WRITEBACK_CHUNK_BYTES: u64 = 4 << 20;
 
 /// Where an entry sits: log file, offset of the entry bytes, and their length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +37,13 @@ struct Current {
     id: u32,
     writer: BufWriter<File>,
     offset: u64,
+    /// Set after a write or sync error: the file's contents past the last sync are unknown,
+    /// so nothing more is appended to it and the next append starts a new log.
+    broken: bool,
+    /// Id the next log takes (never reused, even when creating a log failed half way).
+    next_id: u32,
+    /// Bytes appended since the last sync.
+    unsynced: u64,
 }
 
 /// The set of entry log files of one ledger directory.
@@ -70,12 +80,12 @@ impl EntryLogger {
             }
         }
         let next = files.keys().max().map_or(1, |m| m + 1);
-        let (current, read) = Self::create(dir, next)?;
+        let (current, read) = Self::create(dir, next, next + 1)?;
         files.insert(next, read);
         Ok(Self { dir: dir.to_path_buf(), max_bytes, current: Mutex::new(current), files: RwLock::new(files) })
     }
 
-    fn create(dir: &Path, id: u32) -> io::Result<(Current, Arc<File>)> {
+    fn create(dir: &Path, id: u32, next_id: u32) -> io::Result<(Current, Arc<File>)> {
         let path = file_name(dir, id);
         let mut file = OpenOptions::new().create_new(true).write(true).open(&path)?;
         let mut header = [0u8; HEADER_BYTES as usize];
@@ -85,37 +95,80 @@ impl EntryLogger {
         file.sync_all()?;
         File::open(dir)?.sync_all()?;
         let read = Arc::new(File::open(&path)?);
-        Ok((Current { id, writer: BufWriter::with_capacity(4 << 20, file), offset: HEADER_BYTES }, read))
+        Ok((
+            Current {
+                id,
+                writer: BufWriter::with_capacity(4 << 20, file),
+                offset: HEADER_BYTES,
+                broken: false,
+                next_id,
+                unsynced: 0,
+            },
+            read,
+        ))
     }
 
     fn lock_current(&self) -> std::sync::MutexGuard<'_, Current> {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends an entry; it is readable only after [`EntryLogger::sync`].
+    /// Appends an entry; it is readable only after [`EntryLogger::sync`]. After an error the
+    /// log is abandoned: locations handed out since the last successful sync must not be used.
     pub fn append(&self, entry: &[u8]) -> io::Result<Location> {
         let mut cur = self.lock_current();
         let need = RECORD_PREFIX_BYTES + entry.len() as u64;
-        if cur.offset + need > self.max_bytes && cur.offset > HEADER_BYTES {
-            cur.writer.flush()?;
-            cur.writer.get_ref().sync_data()?;
-            let (next, read) = Self::create(&self.dir, cur.id + 1)?;
-            info!(log_id = next.id, "entry log rotated");
-            self.files.write().unwrap_or_else(|p| p.into_inner()).insert(next.id, read);
-            *cur = next;
+        if cur.broken || (cur.offset + need > self.max_bytes && cur.offset > HEADER_BYTES) {
+            self.rotate(&mut cur)?;
         }
-        cur.writer.write_all(&(entry.len() as u32).to_be_bytes())?;
-        cur.writer.write_all(entry)?;
+        let result =
+            cur.writer.write_all(&(entry.len() as u32).to_be_bytes()).and_then(|()| cur.writer.write_all(entry));
+        if let Err(e) = result {
+            cur.broken = true;
+            return Err(e);
+        }
         let loc = Location { log_id: cur.id, offset: cur.offset + RECORD_PREFIX_BYTES, len: entry.len() as u32 };
         cur.offset += need;
+        cur.unsynced += need;
+        if cur.unsynced >= WRITEBACK_CHUNK_BYTES {
+            Self::sync_current(&mut cur)?;
+        }
         Ok(loc)
     }
 
-    /// Makes every appended entry durable.
+    fn rotate(&self, cur: &mut Current) -> io::Result<()> {
+        if !cur.broken {
+            let synced = cur.writer.flush().and_then(|()| cur.writer.get_ref().sync_data());
+            if let Err(e) = synced {
+                cur.broken = true;
+                return Err(e);
+            }
+        }
+        let id = cur.next_id;
+        cur.next_id += 1;
+        let (next, read) = Self::create(&self.dir, id, cur.next_id)?;
+        info!(log_id = next.id, abandoned = cur.broken, "entry log rotated");
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(next.id, read);
+        *cur = next;
+        Ok(())
+    }
+
+    /// Makes every appended entry durable. Fails (and the log is abandoned) if any append or
+    /// write since the last sync failed.
     pub fn sync(&self) -> io::Result<()> {
         let mut cur = self.lock_current();
-        cur.writer.flush()?;
-        cur.writer.get_ref().sync_data()
+        if cur.broken {
+            return Err(io::Error::other(format!("entry log {} was abandoned after a write error", cur.id)));
+        }
+        Self::sync_current(&mut cur)
+    }
+
+    fn sync_current(cur: &mut Current) -> io::Result<()> {
+        let result = cur.writer.flush().and_then(|()| cur.writer.get_ref().sync_data());
+        match result {
+            Ok(()) => cur.unsynced = 0,
+            Err(_) => cur.broken = true,
+        }
+        result
     }
 
     fn file(&self, log_id: u32) -> io::Result<Arc<File>> {

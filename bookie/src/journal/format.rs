@@ -1,10 +1,12 @@
 //! On-disk format of journal files, and the scanner used by replay.
 //!
 //! A file is a 16-byte header (`MAGJRNL1`, file id) followed by records
-//! `[u32 len][u32 crc32c][u8 kind][body]` where `len = 1 + body length` and the CRC covers kind and
-//! body. Files are preallocated, so the valid data ends at the first record whose length is zero,
-//! runs past the file, or fails its checksum: a torn tail left by a crash. Scanning stops there
-//! and keeps everything before it.
+//! `[u32 len][u32 crc32c][u8 kind][body]` where `len = 1 + body length` and the CRC covers the
+//! file id, kind and body. Files are preallocated or recycled (a checkpointed file is reused under
+//! a new id, so its blocks are already written and a sync needs no filesystem metadata update);
+//! the valid data ends at the first record whose length is zero, runs past the file, or fails its
+//! checksum: a torn tail left by a crash, or a record left from the file's previous use, whose
+//! CRC was salted with another file id. Scanning stops there and keeps everything before it.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -20,9 +22,16 @@ pub const KIND_ADD: u8 = 1;
 /// Record kind: a ledger was fenced (body: the ledger id, 8 bytes).
 pub const KIND_FENCE: u8 = 2;
 
-/// Appends a record to `buf`.
-pub fn put_record(buf: &mut BytesMut, kind: u8, body: &[u8]) {
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind]), body);
+fn record_crc(file_id: u64, kind: u8, body: &[u8]) -> u32 {
+    let mut salt = [0u8; 9];
+    salt[..8].copy_from_slice(&file_id.to_be_bytes());
+    salt[8] = kind;
+    crc32c::crc32c_append(crc32c::crc32c(&salt), body)
+}
+
+/// Appends a record of journal file `file_id` to `buf`.
+pub fn put_record(buf: &mut BytesMut, file_id: u64, kind: u8, body: &[u8]) {
+    let crc = record_crc(file_id, kind, body);
     buf.put_u32(1 + body.len() as u32);
     buf.put_u32(crc);
     buf.put_u8(kind);
@@ -38,6 +47,24 @@ pub fn header(file_id: u64) -> [u8; HEADER_BYTES as usize] {
 
 pub fn file_name(dir: &Path, file_id: u64) -> PathBuf {
     dir.join(format!("{file_id:016x}.jnl"))
+}
+
+/// Name of a checkpointed file kept for reuse.
+pub fn recycle_name(dir: &Path, old_id: u64) -> PathBuf {
+    dir.join(format!("{old_id:016x}.recycle"))
+}
+
+/// Files kept for reuse in `dir`.
+pub fn list_recycled(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".recycle")) {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Journal file ids present in `dir`, ascending.
@@ -110,7 +137,7 @@ pub fn scan_file(
         let kind = rh[8];
         let mut body = vec![0u8; rlen - 1];
         reader.read_exact(&mut body)?;
-        if crc32c::crc32c_append(crc32c::crc32c(&[kind]), &body) != crc {
+        if record_crc(file_id, kind, &body) != crc {
             return Ok((ScanEnd::Corrupt { offset: pos }, pos));
         }
         pos += 8 + rlen as u64;

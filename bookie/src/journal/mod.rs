@@ -2,9 +2,10 @@
 //! on disk (fdatasync'd, unless `journal.fsync = false`).
 //!
 //! One thread owns the journal file. It takes every record waiting in its queue, writes them with
-//! one `write`, and issues one `fdatasync` for the whole group (group commit): when the queue is
-//! empty (`flush_when_idle`), when `group_commit_max_bytes` are buffered, or when the oldest
-//! record has waited `group_commit_max_wait`. Completions are handed to a second thread, so the
+//! one `write`, and issues one `fdatasync` for the whole group (group commit). A group takes every
+//! record already queued, up to `group_commit_max_bytes`; then, with `flush_when_idle`, it is
+//! committed at once, otherwise it waits for more records until its oldest record is
+//! `group_commit_max_wait` old. Completions are handed to a second thread, so the
 //! journal thread goes straight back to the disk while callers are answered.
 //!
 //! Files are preallocated in chunks and rotated at `max_file_bytes`. After a write or fsync error
@@ -64,7 +65,12 @@ pub struct Journal {
     failed: Arc<AtomicBool>,
     /// Id of the file being written.
     current_file: Arc<AtomicU64>,
+    /// Files smaller than this are not worth recycling.
+    recycle_min_bytes: u64,
 }
+
+/// Checkpointed journal files kept for reuse.
+pub const RECYCLE_POOL: usize = 4;
 
 impl Journal {
     /// Starts writing a new journal file `file_id` in `dir`.
@@ -77,11 +83,12 @@ impl Journal {
         let current_file = Arc::new(AtomicU64::new(file_id));
         let mut w = Writer {
             dir: dir.to_path_buf(),
-            config,
+            config: config.clone(),
             file,
             metrics,
             failed: failed.clone(),
             current_file: current_file.clone(),
+            next_file_id: file_id + 1,
             buf: BytesMut::new(),
         };
         let writer = std::thread::Builder::new().name("journal".into()).spawn(move || w.run(rx, ctx))?;
@@ -98,6 +105,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             failed,
             current_file,
+            recycle_min_bytes: config.max_file_bytes.as_u64() / 2,
         })
     }
 
@@ -123,14 +131,26 @@ impl Journal {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Deletes journal files older than `file_id` (everything in them is checkpointed).
+    /// Retires journal files older than `file_id` (everything in them is checkpointed): up to
+    /// [`RECYCLE_POOL`] full-size files are kept for reuse, the others deleted.
     pub fn delete_before(&self, file_id: u64) -> io::Result<usize> {
         let mut n = 0;
+        let mut pooled = format::list_recycled(&self.dir)?.len();
         for id in format::list_files(&self.dir)? {
-            if id < file_id {
-                std::fs::remove_file(format::file_name(&self.dir, id))?;
-                n += 1;
+            if id >= file_id {
+                continue;
             }
+            let path = format::file_name(&self.dir, id);
+            if pooled < RECYCLE_POOL && std::fs::metadata(&path)?.len() >= self.recycle_min_bytes {
+                std::fs::rename(&path, format::recycle_name(&self.dir, id))?;
+                pooled += 1;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            File::open(&self.dir)?.sync_all()?;
         }
         Ok(n)
     }
@@ -164,8 +184,19 @@ struct JournalFile {
 }
 
 impl JournalFile {
+    /// Starts file `id`, reusing a recycled file when there is one (its blocks are already
+    /// written, so syncing overwrites needs no filesystem metadata update), else preallocating.
     fn create(dir: &Path, id: u64, prealloc: u64) -> io::Result<Self> {
         let path = format::file_name(dir, id);
+        if let Some(old) = format::list_recycled(dir)?.into_iter().next() {
+            std::fs::rename(&old, &path)?;
+            let mut file = OpenOptions::new().write(true).open(&path)?;
+            let allocated = file.metadata()?.len();
+            file.write_all(&format::header(id))?;
+            file.sync_data()?;
+            File::open(dir)?.sync_all()?;
+            return Ok(Self { file, id, offset: format::HEADER_BYTES, allocated });
+        }
         let mut file = OpenOptions::new().create_new(true).write(true).open(&path)?;
         file.write_all(&format::header(id))?;
         let mut jf = Self { file, id, offset: format::HEADER_BYTES, allocated: format::HEADER_BYTES };
@@ -194,6 +225,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     failed: Arc<AtomicBool>,
     current_file: Arc<AtomicU64>,
+    next_file_id: u64,
     buf: BytesMut,
 }
 
@@ -202,6 +234,8 @@ impl Writer {
         let max_bytes = self.config.group_commit_max_bytes.as_u64() as usize;
         let max_wait = self.config.group_commit_max_wait;
         while let Ok(first) = rx.recv() {
+            // Records are salted with the file id, so the file is chosen before they are encoded.
+            let ready = self.rotate_if_needed(max_bytes as u64);
             let mut pending = Vec::new();
             let Op::Append { enqueued: oldest, .. } = &first;
             let deadline = *oldest + max_wait;
@@ -226,7 +260,10 @@ impl Writer {
                 }
             }
             self.metrics.journal_queue_depth.set(rx.len() as i64);
-            let batch = self.commit(pending);
+            let batch = match ready {
+                Ok(()) => self.commit(pending),
+                Err(e) => self.fail_group(pending, &e),
+            };
             if completions.send(batch).is_err() {
                 return;
             }
@@ -236,7 +273,7 @@ impl Writer {
 
     fn push(&mut self, op: Op, pending: &mut Vec<(Completion, u64)>) {
         let Op::Append { kind, body, done, .. } = op;
-        format::put_record(&mut self.buf, kind, &body);
+        format::put_record(&mut self.buf, self.file.id, kind, &body);
         pending.push((done, self.buf.len() as u64));
     }
 
@@ -252,20 +289,28 @@ impl Writer {
                 self.metrics.journal_bytes.inc_by(len);
                 pending.into_iter().map(|(done, end)| (done, Ok(JournalPos { file_id, offset: base + end }))).collect()
             }
-            Err(e) => {
-                error!(error = %e, file_id, "write journal group; the file is abandoned and the group failed");
-                self.failed.store(true, Ordering::Relaxed);
-                let err = JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull };
-                pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect()
-            }
+            Err(e) => self.fail_group(pending, &e),
         }
     }
 
-    fn write_group(&mut self, len: u64) -> io::Result<()> {
+    fn fail_group(&mut self, pending: Vec<(Completion, u64)>, e: &io::Error) -> Batch {
+        error!(error = %e, file_id = self.file.id, "write journal group; the file is abandoned and the group failed");
+        self.buf.clear();
+        self.failed.store(true, Ordering::Relaxed);
+        let err = JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull };
+        pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect()
+    }
+
+    /// Moves to a new file after a failure, or when the next group may not fit.
+    fn rotate_if_needed(&mut self, group_bytes: u64) -> io::Result<()> {
         let max_file = self.config.max_file_bytes.as_u64();
-        if self.failed.load(Ordering::Relaxed) || self.file.offset + len > max_file {
+        if self.failed.load(Ordering::Relaxed) || self.file.offset + group_bytes > max_file {
             self.rotate()?;
         }
+        Ok(())
+    }
+
+    fn write_group(&mut self, len: u64) -> io::Result<()> {
         let prealloc = self.config.preallocate_bytes.as_u64();
         self.file.ensure_allocated(len, prealloc)?;
         self.file.file.write_all(&self.buf)?;
@@ -280,7 +325,9 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        let next = self.file.id + 1;
+        // Never reuse an id, even one whose creation failed half way (the file may exist).
+        let next = self.next_file_id;
+        self.next_file_id += 1;
         if !self.failed.load(Ordering::Relaxed) {
             self.file.file.sync_data()?;
         }
@@ -317,7 +364,7 @@ pub fn replay(
         match end {
             format::ScanEnd::Clean => {}
             other => {
-                warn!(file_id = id, offset = pos, end = ?other, "journal replay stopped at a torn or corrupt tail; records after it were never acknowledged")
+                warn!(file_id = id, offset = pos, end = ?other, "journal replay stopped before the end of the file: a torn tail, data left from the file's previous use, or corruption")
             }
         }
     }

@@ -1,4 +1,4 @@
-//! The bookie's HTTP endpoint: `/health` (JSON, 503 while read-only) and Prometheus `/metrics`.
+//! The bookie's HTTP endpoint: `/health` (JSON; 200 while alive, read-only state in the body: a read-only bookie still serves reads) and Prometheus `/metrics`.
 
 use std::sync::Arc;
 

@@ -5,9 +5,9 @@
 //! Flush (checkpoint): when the cache is half full or every `flush_interval`, the flusher thread
 //! swaps the cache, writes its entries sorted by ledger to the current entry log, syncs it,
 //! commits the index and the checkpoint (the journal position covered) in one transaction, and
-//! deletes journal files before the checkpoint. Fence and delete are ordered with adds through the
-//! journal queue, so an add accepted before a fence is durable and visible before the fence is
-//! answered. Nothing here speaks the wire protocol.
+//! deletes journal files before the checkpoint. A fence is ordered with adds through the journal
+//! queue, so an add accepted before a fence is durable and visible before the fence is answered.
+//! A delete is committed to the index (with a tombstone that journal replay honours) at once. Nothing here speaks the wire protocol.
 
 mod gc;
 mod replay;

@@ -32,7 +32,9 @@ pub(super) fn replay_journal(cfg: &BookieConfig, index: &Index, log: &EntryLogge
         pending.clear();
         Ok(())
     };
-    let max_record = cfg.max_entry_bytes.as_u64() as usize + 64;
+    // The largest entry any configuration allows, not the current one: lowering max_entry_bytes
+    // must not make acknowledged records look corrupt.
+    let max_record = crate::config::MAX_ENTRY_BYTES_LIMIT as usize + 64;
     let next_file = journal::replay(&cfg.journal_dir, from, max_record, |kind, body, pos| {
         if failure.is_some() {
             return;
