@@ -6,6 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc returns freed memory to the OS and keeps fragmentation low across the many threads
+/// of a bookie or broker; glibc's per-thread arenas held on to released write-cache memory.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "magnetar",
