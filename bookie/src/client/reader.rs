@@ -70,24 +70,30 @@ impl LedgerReader {
         }
     }
 
-    /// Reads entries `first..=last`, in order.
+    /// Reads entries `first..=last`, in order. For a closed ledger, past its last entry is an
+    /// error. For an open ledger the caller bounds `last` by a LAC it knows (its own writer's, or
+    /// [`LedgerReader::read_lac`]): entries past the LAC may be dropped by a later recovery.
     pub async fn read(&self, first: u64, last: u64) -> Result<Vec<Entry>, LedgerError> {
         if first > last {
             return Ok(Vec::new());
         }
+        if last >= i64::MAX as u64 {
+            return Err(LedgerError::Invalid(format!("entry id {last} is out of range")));
+        }
         if let Some(end) = self.last_entry()
-            && last as i64 > end
+            && (end < 0 || last > end as u64)
         {
             return Err(LedgerError::Invalid(format!(
                 "ledger {} ends at entry {end}; {last} was asked for",
                 self.md.ledger_id
             )));
         }
-        let mut out = Vec::with_capacity((last - first + 1).min(10_000) as usize);
+        let mut out = Vec::with_capacity(last.saturating_sub(first).saturating_add(1).min(10_000) as usize);
         let mut next = first;
         while next <= last {
             let frag_index = self.md.fragments.partition_point(|f| f.first_entry <= next).saturating_sub(1);
-            let frag_end = self.md.fragments.get(frag_index + 1).map_or(last, |f| (f.first_entry - 1).min(last));
+            let frag_end =
+                self.md.fragments.get(frag_index + 1).map_or(last, |f| f.first_entry.saturating_sub(1).min(last));
             let bookies = &self.md.fragments[frag_index].bookies;
             if bookies.len() == self.md.write_quorum {
                 self.read_striped_none(bookies, next, frag_end, &mut out).await?;
@@ -95,7 +101,7 @@ impl LedgerReader {
                 // Entries striped over the ensemble: single reads, a bounded number at a time.
                 let mut e = next;
                 while e <= frag_end {
-                    let chunk_end = frag_end.min(e + STRIPED_READ_CONCURRENCY - 1);
+                    let chunk_end = frag_end.min(e.saturating_add(STRIPED_READ_CONCURRENCY - 1));
                     for r in join_all((e..=chunk_end).map(|x| self.read_one(bookies, x))).await {
                         out.push(r?);
                     }

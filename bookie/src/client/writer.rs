@@ -372,7 +372,8 @@ impl Actor {
         let first_entry = (self.lac + 1) as u64;
         loop {
             let current = self.md.last_fragment().bookies.clone();
-            let Some(pos) = current.iter().position(|b| b == failed) else { return Ok(()) };
+            // Already replaced (by an earlier failure of the same bookie): only re-check acks.
+            let Some(pos) = current.iter().position(|b| b == failed) else { break };
             let mut bookies = current.clone();
             match self.shared.registry.choose_writable(1, &current) {
                 Ok(mut r) => bookies[pos] = r.remove(0),
@@ -384,7 +385,22 @@ impl Actor {
             let mut md = self.md.clone();
             match md.fragments.last_mut() {
                 Some(last) if last.first_entry == first_entry => last.bookies = bookies.clone(),
+                Some(last) if last.first_entry > first_entry => {
+                    return Err(LedgerError::Invalid(format!(
+                        "ledger {} has a fragment from entry {} beyond this writer's first unacknowledged entry {first_entry}",
+                        md.ledger_id, last.first_entry
+                    )));
+                }
                 _ => md.fragments.push(Fragment { first_entry, bookies: bookies.clone() }),
+            }
+            if self.recovery {
+                // Recovery keeps ensemble changes in memory and saves them only with the final
+                // CLOSED update: a recovery that dies half way must leave the fragments as they
+                // were, or the next recovery would look for acknowledged entries in the wrong
+                // ensemble.
+                info!(ledger_id = md.ledger_id, %failed, ensemble = ?bookies, first_entry, "ensemble changed during recovery");
+                self.md = md;
+                break;
             }
             match meta::cas(&self.shared.store, &md, self.version).await {
                 Ok(v) => {
@@ -395,8 +411,7 @@ impl Actor {
                 }
                 Err(MetadataError::Conflict { .. }) => {
                     let (fresh, v) = meta::read(&self.shared.store, self.md.ledger_id).await?;
-                    let ours = if self.recovery { LedgerState::InRecovery } else { LedgerState::Open };
-                    if fresh.state != ours {
+                    if fresh.state != LedgerState::Open {
                         return Err(LedgerError::Fenced(self.md.ledger_id));
                     }
                     self.md = fresh;

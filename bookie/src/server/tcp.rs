@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use magnetar_common::bookie_proto::{self, ErrorReply, FrameError, Op, Reply, Request, Response, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -17,6 +17,8 @@ use crate::storage::Storage;
 
 /// Most requests one connection may have in flight; beyond it the connection is not read.
 const MAX_IN_FLIGHT: usize = 4096;
+/// Most bytes one range read returns (at least one entry is always returned).
+const MAX_READ_RANGE_BYTES: u32 = 16 << 20;
 /// Bytes a writer gathers from queued responses before one socket write.
 const WRITE_BATCH_BYTES: usize = 1 << 20;
 
@@ -45,14 +47,21 @@ pub async fn serve(listener: TcpListener, storage: Arc<Storage>, cancel: Cancell
 
 async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: CancellationToken) {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    // Each response carries its request's in-flight permit until it is written, so a client
+    // that does not read its responses stops being read itself: memory stays bounded.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Response, Option<OwnedSemaphorePermit>)>();
     let writer = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        while let Some(resp) = rx.recv().await {
+        let mut permits = Vec::new();
+        while let Some((resp, permit)) = rx.recv().await {
             resp.encode(&mut buf);
+            permits.push(permit);
             while buf.len() < WRITE_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(r) => r.encode(&mut buf),
+                    Ok((r, p)) => {
+                        r.encode(&mut buf);
+                        permits.push(p);
+                    }
                     Err(_) => break,
                 }
             }
@@ -61,6 +70,7 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
                 return;
             }
             buf.clear();
+            permits.clear();
         }
         let _ = wr.shutdown().await;
     });
@@ -79,8 +89,7 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
                     tokio::spawn(async move {
                         let op = request.op();
                         let result = handle(&storage, request).await.map_err(|e| e.to_reply());
-                        let _ = tx.send(Response { request_id, op, result });
-                        drop(permit);
+                        let _ = tx.send((Response { request_id, op, result }, Some(permit)));
                     });
                 }
                 Ok(None) => break,
@@ -94,11 +103,14 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
                         FrameError::Malformed { op, .. } => *op,
                         _ => Op::Health,
                     };
-                    let _ = tx.send(Response {
-                        request_id: e.request_id().unwrap_or(0),
-                        op,
-                        result: Err(ErrorReply { status, message: e.to_string() }),
-                    });
+                    let _ = tx.send((
+                        Response {
+                            request_id: e.request_id().unwrap_or(0),
+                            op,
+                            result: Err(ErrorReply { status, message: e.to_string() }),
+                        },
+                        None,
+                    ));
                     break 'read;
                 }
             }
@@ -116,8 +128,8 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
             }
         }
     }
-    // Let in-flight requests answer before the writer closes.
-    let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
+    // Let in-flight requests answer before the writer closes (if the writer died, their
+    // permits went with it).
     drop(tx);
     let _ = writer.await;
 }
@@ -132,6 +144,7 @@ pub async fn handle(storage: &Arc<Storage>, request: Request) -> Result<Reply, S
             storage.read(ledger_id, entry_id).await.map(|entry| Reply::Read { entry })
         }
         Request::ReadRange { ledger_id, first, last, max_bytes } => {
+            let max_bytes = max_bytes.min(MAX_READ_RANGE_BYTES);
             storage.read_range(ledger_id, first, last, max_bytes).await.map(|entries| Reply::ReadRange { entries })
         }
         Request::ReadLac { ledger_id } => {

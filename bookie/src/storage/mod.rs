@@ -190,8 +190,13 @@ impl Storage {
         }
         let entry = Entry::parse(raw).map_err(|e| StorageError::BadRequest(e.to_string()))?;
         let (ledger, entry_id, lac) = (entry.ledger_id, entry.entry_id, entry.lac);
-        if entry_id > i64::MAX as u64 {
+        if entry_id >= i64::MAX as u64 {
             return Err(StorageError::BadRequest(format!("entry id {entry_id} is out of range")));
+        }
+        if !(-1..entry_id as i64).contains(&lac) {
+            return Err(StorageError::BadRequest(format!(
+                "entry {ledger}:{entry_id} carries last-add-confirmed {lac}; it must be in -1..{entry_id}"
+            )));
         }
         let raw = entry.into_raw();
         let len = raw.len() as u64;
@@ -311,6 +316,10 @@ impl Storage {
                         Err(e) => {
                             this.on_journal_error(&e);
                             Err(StorageError::Io(e.to_string()))
+                        }
+                        // A delete that overtook the fence must not be undone by it.
+                        Ok(_) if lock(&this.ledgers).get(&ledger).is_some_and(|s| s.deleted) => {
+                            Err(StorageError::NotFound(format!("ledger {ledger} was deleted")))
                         }
                         Ok(pos) => this.index.set_fenced(ledger).map_err(StorageError::from).map(|()| {
                             let mut c = lock(&this.cache);

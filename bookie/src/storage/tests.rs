@@ -127,6 +127,11 @@ async fn bad_input_gets_clear_errors() {
     assert!(matches!(s.add(0, Bytes::from(bad)).await, Err(StorageError::BadRequest(_))));
     assert!(matches!(s.add(0, Bytes::from_static(b"short")).await, Err(StorageError::BadRequest(_))));
     assert!(matches!(s.read_range(1, 5, 4, 100).await, Err(StorageError::BadRequest(_))));
+    // A last-add-confirmed at or past the entry itself would let recovery claim missing entries.
+    for lac in [3, 7, -2] {
+        let err = s.add(0, encode_entry(1, 3, lac, b"x")).await.expect_err("bad lac");
+        assert!(matches!(err, StorageError::BadRequest(_)), "lac {lac}: {err}");
+    }
     s.shutdown();
 }
 
