@@ -21,6 +21,8 @@ pub const RECORD_HEADER_BYTES: usize = 9;
 pub const KIND_ADD: u8 = 1;
 /// Record kind: a ledger was fenced (body: the ledger id, 8 bytes).
 pub const KIND_FENCE: u8 = 2;
+/// Record kind: a ledger was deleted (body: the ledger id, 8 bytes).
+pub const KIND_DELETE: u8 = 3;
 
 fn record_crc(file_id: u64, kind: u8, body: &[u8]) -> u32 {
     let mut salt = [0u8; 9];

@@ -499,25 +499,45 @@ impl Storage {
         Ok(out)
     }
 
-    /// Deletes a ledger; its space is reclaimed by garbage collection.
+    /// Deletes a ledger; its space is reclaimed by garbage collection. The delete is journaled
+    /// after every add accepted before it, and its tombstone names the journal file holding
+    /// the delete record: replay skips the ledger's adds until that file has been checkpointed.
     pub async fn delete(self: &Arc<Self>, ledger: u64) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
         {
             let mut ledgers = lock(&self.ledgers);
-            let st = self.state(&mut ledgers, ledger)?.map(|s| *s);
-            match st {
-                Some(s) if s.deleted => return Ok(()),
-                _ => {
-                    ledgers.insert(ledger, LedgerState { fenced: true, lac: -1, last_entry: -1, deleted: true });
-                }
+            if self.state(&mut ledgers, ledger)?.is_some_and(|s| s.deleted) {
+                return Ok(());
             }
+            ledgers.insert(ledger, LedgerState { fenced: true, lac: -1, last_entry: -1, deleted: true });
+            let this = self.clone();
+            self.journal.append(
+                format::KIND_DELETE,
+                Bytes::copy_from_slice(&ledger.to_be_bytes()),
+                Box::new(move |res| {
+                    let out = match res {
+                        Err(e) => {
+                            this.on_journal_error(&e);
+                            Err(StorageError::Io(e.to_string()))
+                        }
+                        Ok(pos) => this.apply_delete(ledger, pos),
+                    };
+                    let _ = tx.send(out);
+                }),
+            );
         }
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _g = lock(&this.flush_lock);
-            this.index.delete_ledger(ledger, this.journal.current_file_id())
-        })
-        .await
-        .map_err(|e| StorageError::Io(e.to_string()))??;
+        rx.await.map_err(|_| StorageError::ShuttingDown)??;
+        info!(ledger, "ledger deleted");
+        Ok(())
+    }
+
+    /// Runs on the completion thread once the delete record is durable.
+    fn apply_delete(&self, ledger: u64, pos: JournalPos) -> Result<(), StorageError> {
+        {
+            // Serialized with flush commits, which skip ledgers marked deleted.
+            let _g = lock(&self.flush_lock);
+            self.index.delete_ledger(ledger, pos.file_id)?;
+        }
         let mut c = lock(&self.cache);
         let keys: Vec<Key> = c.active.range((ledger, 0)..=(ledger, u64::MAX)).map(|(k, _)| *k).collect();
         let mut freed = 0usize;
@@ -527,9 +547,9 @@ impl Storage {
             }
         }
         c.active_bytes -= freed as u64;
+        c.last_pos = c.last_pos.max(pos);
         drop(c);
         self.cache_permits.add_permits(freed);
-        info!(ledger, "ledger deleted");
         Ok(())
     }
 

@@ -14,10 +14,16 @@ use crate::error::StorageError;
 use crate::index::{FlushBatch, Index};
 use crate::journal::{self, JournalPos, format};
 
+fn ledger_of(body: &[u8]) -> u64 {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&body[..8]);
+    u64::from_be_bytes(id)
+}
+
 /// Replays and checkpoints; returns the id the new journal file must take.
 pub(super) fn replay_journal(cfg: &BookieConfig, index: &Index, log: &EntryLogger) -> Result<u64, StorageError> {
     let from = index.checkpoint()?;
-    let tombstones = index.tombstones()?;
+    let mut tombstones = index.tombstones()?;
     let chunk_bytes = cfg.storage.write_cache_bytes.as_u64() / 2;
     let mut pending: BTreeMap<Key, Bytes> = BTreeMap::new();
     let mut pending_bytes = 0u64;
@@ -50,14 +56,21 @@ pub(super) fn replay_journal(cfg: &BookieConfig, index: &Index, log: &EntryLogge
                 Err(err) => warn!(error = %err, "skipping an unreadable journal record"),
             },
             format::KIND_FENCE if body.len() == 8 => {
-                let mut id = [0u8; 8];
-                id.copy_from_slice(&body);
-                let l = u64::from_be_bytes(id);
+                let l = ledger_of(&body);
                 if !tombstones.contains_key(&l)
                     && let Err(err) = index.set_fenced(l)
                 {
                     failure = Some(err.into());
                 }
+            }
+            format::KIND_DELETE if body.len() == 8 => {
+                // Every add of the ledger precedes its delete in the journal.
+                let l = ledger_of(&body);
+                pending.retain(|(pl, _), _| *pl != l);
+                if let Err(err) = index.delete_ledger(l, pos.file_id) {
+                    failure = Some(err.into());
+                }
+                tombstones.insert(l, pos.file_id);
             }
             other => warn!(kind = other, "skipping a journal record of unknown kind"),
         }

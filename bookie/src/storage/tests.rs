@@ -243,3 +243,31 @@ async fn tiny_usage_threshold_turns_read_only_and_reads_continue() {
     check(&s, 1, 0, 100).await;
     s.shutdown();
 }
+
+#[tokio::test]
+async fn a_journaled_delete_is_honoured_by_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Storage::open(cfg(dir.path()), Arc::new(Metrics::new())).expect("open");
+    for e in 0..50u64 {
+        add(&s, 1, e, 500).await.expect("add");
+        add(&s, 2, e, 500).await.expect("add");
+    }
+    s.delete(1).await.expect("delete");
+    // As after a crash: only the journal (no index, no checkpoint) is carried over.
+    let copy = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(copy.path().join("journal")).expect("mkdir");
+    for f in std::fs::read_dir(dir.path().join("journal")).expect("ls") {
+        let f = f.expect("entry");
+        if f.file_name().to_string_lossy().ends_with(".jnl") {
+            std::fs::copy(f.path(), copy.path().join("journal").join(f.file_name())).expect("copy");
+        }
+    }
+    s.shutdown();
+    let s2 = Storage::open(cfg(copy.path()), Arc::new(Metrics::new())).expect("open copy");
+    assert!(matches!(s2.read(1, 0).await, Err(StorageError::NotFound(_))), "deleted ledger stays deleted");
+    assert!(matches!(add(&s2, 1, 50, 10).await, Err(StorageError::NotFound(_))));
+    for e in 0..50 {
+        check(&s2, 2, e, 500).await;
+    }
+    s2.shutdown();
+}
