@@ -24,30 +24,47 @@ fn size_of(entry: u64) -> usize {
     (entry as usize * 7919) % 40_000 + 1
 }
 
-async fn read_all(conn: &BookieConn, ledger: u64) -> HashMap<u64, Entry> {
+/// Every stored entry of `ledger` up to `max_entry`. Adds were in flight concurrently, so the
+/// journal order is not entry order and a kill can leave holes (entries never acknowledged):
+/// a range read stops at a hole, and reading resumes after it.
+async fn read_all(conn: &BookieConn, ledger: u64, max_entry: u64) -> HashMap<u64, Entry> {
     let mut out = HashMap::new();
     let mut next = 0u64;
-    loop {
-        let req = Request::ReadRange { ledger_id: ledger, first: next, last: next + 100_000, max_bytes: 4 << 20 };
+    while next <= max_entry {
+        let req = Request::ReadRange { ledger_id: ledger, first: next, last: max_entry, max_bytes: 4 << 20 };
         match conn.call(req, Duration::from_secs(30)).await {
             Ok(Reply::ReadRange { entries }) if !entries.is_empty() => {
                 for raw in entries {
                     let e = Entry::parse(raw).expect("bookie returned a valid entry");
-                    assert_eq!(e.entry_id, next, "range is contiguous");
+                    assert_eq!(e.entry_id, next, "a range read is contiguous");
                     next += 1;
                     out.insert(e.entry_id, e);
                 }
             }
-            _ => return out,
+            Err(magnetar_bookie::client::LedgerError::Bookie {
+                status: magnetar_common::bookie_proto::Status::NotFound,
+                ..
+            }) => next += 1,
+            other => panic!("read {ledger} from {next}: {other:?}"),
         }
     }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_entries_survive_kill_9_at_any_point() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut bookie = BookieProc::start(&tmp.path().join("b"), "crash-1", &etcd.url("/crash"), EXTRA);
+    let guard = tempfile::tempdir().expect("tempdir");
+    let tmp = guard.path().to_path_buf();
+    // MAGNETAR_TEST_KEEP=1 keeps the bookie's directories for inspection.
+    let _guard = if std::env::var_os("MAGNETAR_TEST_KEEP").is_some() {
+        eprintln!("keeping {}", tmp.display());
+        std::mem::forget(guard);
+        None
+    } else {
+        Some(guard)
+    };
+    let mut bookie = BookieProc::start(&tmp.join("b"), "crash-1", &etcd.url("/crash"), EXTRA);
     let mut acked_all: Vec<(u64, Vec<u64>)> = Vec::new();
     for (round, kill_after) in [5usize, 250, 1200, 3000].into_iter().enumerate() {
         let ledger = 10 + round as u64;
@@ -94,7 +111,8 @@ async fn acknowledged_entries_survive_kill_9_at_any_point() {
         bookie.restart();
         let reader = BookieConn::new("b".into(), bookie.addr.clone(), Duration::from_secs(5));
         for (ledger, entries) in &acked_all {
-            let stored = read_all(&reader, *ledger).await;
+            let max = entries.iter().copied().max().unwrap_or(0);
+            let stored = read_all(&reader, *ledger, max).await;
             for e in entries {
                 let got = stored.get(e).unwrap_or_else(|| {
                     panic!("acknowledged entry {ledger}:{e} lost after kill -9 (round {round}); log:\n{}", bookie.log())
