@@ -130,3 +130,50 @@ async fn recovery_open_fences_the_previous_writer() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_rewrites_around_a_dead_bookie_and_reads_fall_back_to_replicas() {
+    let mut c = cluster("/recovery-dead").await;
+    let a = client(&c.url).await;
+    let w = a.create(3, 2, 2, BTreeMap::new()).await.expect("create");
+    let ledger = w.ledger_id();
+    let total = 200u64;
+    for i in 0..total {
+        w.append(Bytes::from(payload(ledger, i, 700))).await.expect("append");
+    }
+    // The last entry's LAC is only known to the bookies through a later entry, so recovery
+    // must rewrite entry 199, whose write set starts at index 199 % 3 = 1: kill that bookie.
+    let md = a.metadata(ledger).await.expect("md");
+    let victim = md.fragments[0].bookies[1].clone();
+    c.bookies.iter_mut().find(|b| b.id == victim).expect("victim").kill9();
+    let b = client_with_live(&c.url, 2).await;
+    let recovered = b.open_for_recovery(ledger).await.expect("recovery despite a dead bookie");
+    assert_eq!(recovered.last_entry(), Some(total as i64 - 1), "every acknowledged entry kept");
+    let md = b.metadata(ledger).await.expect("md");
+    assert!(md.is_closed());
+    assert!(
+        md.fragments.len() == 2 && !md.last_fragment().bookies.contains(&victim),
+        "the rewrite moved off the dead bookie: {:?}",
+        md.fragments
+    );
+    let entries = recovered.read(0, total - 1).await.expect("read with replica fallback");
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(&e.payload()[..], &payload(ledger, i as u64, 700)[..], "entry {i}");
+    }
+    let err = w.append(Bytes::from_static(b"late")).await.expect_err("old writer fenced");
+    assert!(matches!(err, LedgerError::Fenced(_) | LedgerError::Closed(_)), "{err}");
+}
+
+/// A client that waits until exactly `n` bookies are registered (a killed one's registration
+/// expires with its lease).
+async fn client_with_live(url: &str, n: usize) -> LedgerClient {
+    let store = metadata::connect(url).await.expect("metadata store");
+    let config = LedgerClientConfig { add_timeout: Duration::from_secs(3), ..LedgerClientConfig::default() };
+    let c = LedgerClient::new(store, config).await.expect("ledger client");
+    support::wait_for("registrations to settle", || {
+        let live = c.registry().live().len();
+        async move { (live == n).then_some(()) }
+    })
+    .await;
+    c
+}
