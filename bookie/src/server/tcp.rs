@@ -17,6 +17,8 @@ use crate::storage::Storage;
 
 /// Most requests one connection may have in flight; beyond it the connection is not read.
 const MAX_IN_FLIGHT: usize = 4096;
+/// Initial (and minimum) allocation for reading requests.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// Most bytes one range read returns (at least one entry is always returned).
 const MAX_READ_RANGE_BYTES: u32 = 16 << 20;
 /// Bytes a writer gathers from queued responses before one socket write.
@@ -78,7 +80,10 @@ async fn connection(stream: TcpStream, storage: Arc<Storage>, cancel: Cancellati
     // connection without being buffered.
     let max_frame = 2 * storage.config().max_entry_bytes.as_u64() as usize + 1024;
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    // Entries stay in the write cache as slices of this buffer's allocations, so they are kept
+    // small: a large frame then gets an allocation of its own size (the decoder reserves exactly
+    // the missing bytes), and a cached entry pins little memory beyond itself.
+    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
     'read: loop {
         loop {
             match bookie_proto::decode_request(&mut buf, max_frame) {
