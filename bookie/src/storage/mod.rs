@@ -297,8 +297,7 @@ impl Storage {
     /// Fences a ledger: adds without the recovery flag are refused from now on. Resolves once
     /// the fence is durable, after every add accepted before it; returns (LAC, last entry).
     pub async fn fence(self: &Arc<Self>, ledger: u64) -> Result<(i64, i64), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        {
+        let rx = {
             let mut ledgers = lock(&self.ledgers);
             match self.state(&mut ledgers, ledger)? {
                 Some(st) if st.deleted => return Err(StorageError::NotFound(format!("ledger {ledger} was deleted"))),
@@ -307,33 +306,48 @@ impl Storage {
                     ledgers.insert(ledger, LedgerState { fenced: true, lac: -1, last_entry: -1, deleted: false });
                 }
             }
-            let this = self.clone();
-            self.journal.append(
-                format::KIND_FENCE,
-                Bytes::copy_from_slice(&ledger.to_be_bytes()),
-                Box::new(move |res| {
-                    let out = match res {
-                        Err(e) => {
-                            this.on_journal_error(&e);
-                            Err(StorageError::Io(e.to_string()))
-                        }
-                        // A delete that overtook the fence must not be undone by it.
-                        Ok(_) if lock(&this.ledgers).get(&ledger).is_some_and(|s| s.deleted) => {
-                            Err(StorageError::NotFound(format!("ledger {ledger} was deleted")))
-                        }
-                        Ok(pos) => this.index.set_fenced(ledger).map_err(StorageError::from).map(|()| {
-                            let mut c = lock(&this.cache);
-                            c.last_pos = c.last_pos.max(pos);
-                            drop(c);
-                            let st = lock(&this.ledgers).get(&ledger).copied();
-                            st.map_or((-1, -1), |s| (s.lac, s.last_entry))
-                        }),
-                    };
-                    let _ = tx.send(out);
-                }),
-            );
-        }
+            self.journal_ledger_record(format::KIND_FENCE, ledger, move |this, pos| {
+                // A delete that overtook the fence must not be undone by it.
+                if lock(&this.ledgers).get(&ledger).is_some_and(|s| s.deleted) {
+                    return Err(StorageError::NotFound(format!("ledger {ledger} was deleted")));
+                }
+                this.index.set_fenced(ledger)?;
+                let mut c = lock(&this.cache);
+                c.last_pos = c.last_pos.max(pos);
+                drop(c);
+                let st = lock(&this.ledgers).get(&ledger).copied();
+                Ok(st.map_or((-1, -1), |s| (s.lac, s.last_entry)))
+            })
+        };
         rx.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// Queues a ledger-level record (fence, delete) in the journal; `apply` runs on the
+    /// completion thread once it is durable. Called with the ledgers lock held, so the record is
+    /// ordered after every add that passed the same state check.
+    fn journal_ledger_record<T: Send + 'static>(
+        self: &Arc<Self>,
+        kind: u8,
+        ledger: u64,
+        apply: impl FnOnce(&Storage, JournalPos) -> Result<T, StorageError> + Send + 'static,
+    ) -> oneshot::Receiver<Result<T, StorageError>> {
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        self.journal.append(
+            kind,
+            Bytes::copy_from_slice(&ledger.to_be_bytes()),
+            Box::new(move |res| {
+                let out = match res {
+                    Err(e) => {
+                        this.on_journal_error(&e);
+                        Err(StorageError::Io(e.to_string()))
+                    }
+                    Ok(pos) => apply(&this, pos),
+                };
+                let _ = tx.send(out);
+            }),
+        );
+        rx
     }
 
     /// (LAC, last entry) of a ledger this bookie knows.
@@ -503,29 +517,14 @@ impl Storage {
     /// after every add accepted before it, and its tombstone names the journal file holding
     /// the delete record: replay skips the ledger's adds until that file has been checkpointed.
     pub async fn delete(self: &Arc<Self>, ledger: u64) -> Result<(), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        {
+        let rx = {
             let mut ledgers = lock(&self.ledgers);
             if self.state(&mut ledgers, ledger)?.is_some_and(|s| s.deleted) {
                 return Ok(());
             }
             ledgers.insert(ledger, LedgerState { fenced: true, lac: -1, last_entry: -1, deleted: true });
-            let this = self.clone();
-            self.journal.append(
-                format::KIND_DELETE,
-                Bytes::copy_from_slice(&ledger.to_be_bytes()),
-                Box::new(move |res| {
-                    let out = match res {
-                        Err(e) => {
-                            this.on_journal_error(&e);
-                            Err(StorageError::Io(e.to_string()))
-                        }
-                        Ok(pos) => this.apply_delete(ledger, pos),
-                    };
-                    let _ = tx.send(out);
-                }),
-            );
-        }
+            self.journal_ledger_record(format::KIND_DELETE, ledger, move |this, pos| this.apply_delete(ledger, pos))
+        };
         rx.await.map_err(|_| StorageError::ShuttingDown)??;
         info!(ledger, "ledger deleted");
         Ok(())
