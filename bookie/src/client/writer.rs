@@ -332,8 +332,9 @@ impl Actor {
 
     /// Acknowledges the longest prefix of pending entries that reached the ack quorum.
     fn advance(&mut self) {
-        let qa = self.md.ack_quorum;
-        while self.pending.front().is_some_and(|p| p.acked.len() >= qa) {
+        // Recovery rewrites each entry to its full write quorum before it counts.
+        let need = if self.recovery { self.md.write_quorum } else { self.md.ack_quorum };
+        while self.pending.front().is_some_and(|p| p.acked.len() >= need) {
             let Some(mut p) = self.pending.pop_front() else { break };
             self.lac = p.entry_id as i64;
             self.length += p.payload_len;
