@@ -591,8 +591,11 @@ impl Storage {
         let mut worst_dir = PathBuf::new();
         for dir in [&self.cfg.journal_dir, &self.cfg.ledger_dir] {
             match rustix::fs::statvfs(dir.as_path()) {
-                Ok(s) if s.f_blocks > 0 => {
-                    let used = 1.0 - s.f_bavail as f64 / s.f_blocks as f64;
+                // As `df` counts it: space reserved for root or by the filesystem is neither used
+                // nor available to the bookie, and is left out.
+                Ok(s) if s.f_blocks.saturating_sub(s.f_bfree) + s.f_bavail > 0 => {
+                    let used_blocks = s.f_blocks.saturating_sub(s.f_bfree) as f64;
+                    let used = used_blocks / (used_blocks + s.f_bavail as f64);
                     if used > worst {
                         worst = used;
                         worst_dir = dir.clone();
