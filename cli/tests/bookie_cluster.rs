@@ -34,15 +34,7 @@ async fn cluster(root: &str) -> Cluster {
 }
 
 async fn client(url: &str) -> LedgerClient {
-    let store = metadata::connect(url).await.expect("metadata store");
-    let config = LedgerClientConfig { add_timeout: Duration::from_secs(3), ..LedgerClientConfig::default() };
-    let c = LedgerClient::new(store, config).await.expect("ledger client");
-    support::wait_for("3 live bookies", || {
-        let n = c.registry().live().len();
-        async move { (n == 3).then_some(()) }
-    })
-    .await;
-    c
+    client_with_live(url, 3).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

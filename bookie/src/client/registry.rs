@@ -78,10 +78,6 @@ impl BookieRegistry {
         v
     }
 
-    pub fn is_live(&self, bookie_id: &str) -> bool {
-        self.state.read().unwrap_or_else(|p| p.into_inner()).live.contains_key(bookie_id)
-    }
-
     /// Address of a bookie, live or last seen.
     pub fn address(&self, bookie_id: &str) -> Option<String> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());

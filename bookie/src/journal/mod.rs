@@ -19,7 +19,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -61,8 +61,6 @@ pub struct Journal {
     tx: Mutex<Option<Sender<Op>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
-    /// Set after a write error until a new file has been opened successfully.
-    failed: Arc<AtomicBool>,
     /// Id of the file being written.
     current_file: Arc<AtomicU64>,
     /// Files smaller than this are not worth recycling.
@@ -79,14 +77,13 @@ impl Journal {
         let file = JournalFile::create(dir, file_id, config.preallocate_bytes.as_u64())?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
         let (ctx, crx) = crossbeam_channel::unbounded::<Batch>();
-        let failed = Arc::new(AtomicBool::new(false));
         let current_file = Arc::new(AtomicU64::new(file_id));
         let mut w = Writer {
             dir: dir.to_path_buf(),
             config: config.clone(),
             file,
             metrics,
-            failed: failed.clone(),
+            failed: false,
             current_file: current_file.clone(),
             next_file_id: file_id + 1,
             buf: BytesMut::new(),
@@ -103,7 +100,6 @@ impl Journal {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, completer]),
             dir: dir.to_path_buf(),
-            failed,
             current_file,
             recycle_min_bytes: config.max_file_bytes.as_u64() / 2,
         })
@@ -124,11 +120,6 @@ impl Journal {
                 done(Err(JournalError::Closed))
             }
         }
-    }
-
-    /// True after a write failure, until the journal has moved to a new file.
-    pub fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
     }
 
     /// Retires journal files older than `file_id` (everything in them is checkpointed): up to
@@ -223,7 +214,8 @@ struct Writer {
     config: JournalConfig,
     file: JournalFile,
     metrics: Arc<Metrics>,
-    failed: Arc<AtomicBool>,
+    /// Set after a write error until a new file has been opened successfully.
+    failed: bool,
     current_file: Arc<AtomicU64>,
     next_file_id: u64,
     buf: BytesMut,
@@ -296,7 +288,7 @@ impl Writer {
     fn fail_group(&mut self, pending: Vec<(Completion, u64)>, e: &io::Error) -> Batch {
         error!(error = %e, file_id = self.file.id, "write journal group; the file is abandoned and the group failed");
         self.buf.clear();
-        self.failed.store(true, Ordering::Relaxed);
+        self.failed = true;
         let err = JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull };
         pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect()
     }
@@ -304,7 +296,7 @@ impl Writer {
     /// Moves to a new file after a failure, or when the next group may not fit.
     fn rotate_if_needed(&mut self, group_bytes: u64) -> io::Result<()> {
         let max_file = self.config.max_file_bytes.as_u64();
-        if self.failed.load(Ordering::Relaxed) || self.file.offset + group_bytes > max_file {
+        if self.failed || self.file.offset + group_bytes > max_file {
             self.rotate()?;
         }
         Ok(())
@@ -328,11 +320,11 @@ impl Writer {
         // Never reuse an id, even one whose creation failed half way (the file may exist).
         let next = self.next_file_id;
         self.next_file_id += 1;
-        if !self.failed.load(Ordering::Relaxed) {
+        if !self.failed {
             self.file.file.sync_data()?;
         }
         let file = JournalFile::create(&self.dir, next, self.config.preallocate_bytes.as_u64())?;
-        if self.failed.swap(false, Ordering::Relaxed) {
+        if std::mem::take(&mut self.failed) {
             warn!(file_id = next, "journal resumed on a new file after a write failure");
         } else {
             info!(file_id = next, "journal rotated");

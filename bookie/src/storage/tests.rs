@@ -23,6 +23,18 @@ async fn add(s: &Arc<Storage>, l: u64, e: u64, size: usize) -> Result<(u64, u64)
     s.add(0, encode_entry(l, e, e as i64 - 1, &payload(l, e, size))).await
 }
 
+/// Copies the files of `from/sub` whose names end with `suffix` to `to/sub`, as a crashed
+/// bookie would leave them.
+fn copy_files(from: &std::path::Path, to: &std::path::Path, sub: &str, suffix: &str) {
+    std::fs::create_dir_all(to.join(sub)).expect("mkdir");
+    for f in std::fs::read_dir(from.join(sub)).expect("ls") {
+        let f = f.expect("entry");
+        if f.file_type().expect("type").is_file() && f.file_name().to_string_lossy().ends_with(suffix) {
+            std::fs::copy(f.path(), to.join(sub).join(f.file_name())).expect("copy");
+        }
+    }
+}
+
 async fn check(s: &Arc<Storage>, l: u64, e: u64, size: usize) {
     let raw = s.read(l, e).await.unwrap_or_else(|err| panic!("read {l}:{e}: {err}"));
     let entry = Entry::parse(raw).expect("valid");
@@ -75,15 +87,8 @@ async fn replay_without_clean_shutdown_restores_everything_acknowledged() {
     // Simulate a crash: no shutdown, no final flush. The journal alone must carry the entries.
     // (Threads keep running; we open a second engine on a copy of the directories.)
     let copy = tempfile::tempdir().expect("tempdir");
-    for sub in ["journal", "ledgers/entrylogs"] {
-        std::fs::create_dir_all(copy.path().join(sub)).expect("mkdir");
-        for f in std::fs::read_dir(dir.path().join(sub)).expect("ls") {
-            let f = f.expect("entry");
-            if f.file_type().expect("type").is_file() {
-                std::fs::copy(f.path(), copy.path().join(sub).join(f.file_name())).expect("copy");
-            }
-        }
-    }
+    copy_files(dir.path(), copy.path(), "journal", "");
+    copy_files(dir.path(), copy.path(), "ledgers/entrylogs", "");
     s.shutdown();
     // The index file of a crashed process may be anywhere; start without it to prove the
     // journal and entry logs suffice when no checkpoint was taken.
@@ -255,13 +260,7 @@ async fn a_journaled_delete_is_honoured_by_replay() {
     s.delete(1).await.expect("delete");
     // As after a crash: only the journal (no index, no checkpoint) is carried over.
     let copy = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(copy.path().join("journal")).expect("mkdir");
-    for f in std::fs::read_dir(dir.path().join("journal")).expect("ls") {
-        let f = f.expect("entry");
-        if f.file_name().to_string_lossy().ends_with(".jnl") {
-            std::fs::copy(f.path(), copy.path().join("journal").join(f.file_name())).expect("copy");
-        }
-    }
+    copy_files(dir.path(), copy.path(), "journal", ".jnl");
     s.shutdown();
     let s2 = Storage::open(cfg(copy.path()), Arc::new(Metrics::new())).expect("open copy");
     assert!(matches!(s2.read(1, 0).await, Err(StorageError::NotFound(_))), "deleted ledger stays deleted");
