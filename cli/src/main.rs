@@ -1,6 +1,9 @@
 //! The `magnetar` binary: every role and tool behind one command.
 
 mod bookie;
+mod broker;
+mod client_cmd;
+mod standalone;
 
 use std::process::ExitCode;
 
@@ -33,8 +36,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run everything in one process: metadata store, bookie and broker, data under one directory.
+    Standalone(standalone::StandaloneArgs),
+    /// Run a broker: serves producers and consumers, stores through bookies.
+    Broker(broker::BrokerArgs),
     /// Run a bookie: durable ledger storage.
     Bookie(bookie::BookieArgs),
+    /// Publish messages (from arguments or standard input); prints "ID<TAB>PAYLOAD" per stored message.
+    Produce(client_cmd::ProduceArgs),
+    /// Receive and acknowledge messages; prints one payload per line.
+    Consume(client_cmd::ConsumeArgs),
     /// Load-test tools.
     Perf(magnetar_benches::cli::PerfArgs),
 }
@@ -57,7 +68,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Standalone(args) => standalone::run(args).await,
+            Command::Broker(args) => broker::run(args).await,
             Command::Bookie(args) => bookie::run(args).await,
+            Command::Produce(args) => client_cmd::produce(args).await,
+            Command::Consume(args) => client_cmd::consume(args).await,
             Command::Perf(args) => magnetar_benches::cli::run(args).await,
         }
     });

@@ -1,0 +1,229 @@
+//! The broker's configuration: one serde struct, loaded from a commented TOML file and
+//! `MAGNETAR_BROKER_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use magnetar_bookie::client::LedgerClientConfig;
+use magnetar_common::config::{ConfigError, RoleConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Where clients connect (QUIC, UDP).
+    pub quic_addr: SocketAddr,
+    /// Where `/health` and `/metrics` are served (HTTP).
+    pub http_addr: SocketAddr,
+    /// Metadata store URL: `etcd://host:port[,host:port]/root` or `embedded:/dir`.
+    pub metadata_url: String,
+    /// TLS certificate chain (PEM) and private key (PEM). Both empty: generate a self-signed
+    /// certificate for localhost under `data_dir/tls` (development only).
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    /// Where a generated certificate is kept.
+    pub data_dir: PathBuf,
+    /// Create topics when a producer or consumer first names them.
+    pub allow_auto_topic_creation: bool,
+    /// Largest batch (one `Send`) accepted, in bytes.
+    pub max_message_bytes: ByteSize,
+    pub ledger: ManagedLedgerConfig,
+    pub dispatch: DispatchConfig,
+    pub limits: LimitsConfig,
+    /// Bytes of recently written entries kept for tailing consumers.
+    pub cache_bytes: ByteSize,
+    pub ledger_client: LedgerClientConfig,
+}
+
+/// How a topic's entries are stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagedLedgerConfig {
+    /// Ensemble size, write quorum and ack quorum of new ledgers.
+    pub ensemble_size: usize,
+    pub write_quorum: usize,
+    pub ack_quorum: usize,
+    /// A ledger is closed and a new one started after this many entries...
+    pub rollover_max_entries: u64,
+    /// ...or this many bytes...
+    pub rollover_max_bytes: ByteSize,
+    /// ...or when it is older than this (and not empty).
+    #[serde(with = "humantime_serde")]
+    pub rollover_max_age: Duration,
+    /// Cursor positions are written to the metadata store at most this often (and on close).
+    #[serde(with = "humantime_serde")]
+    pub cursor_persist_interval: Duration,
+    /// Most individually acknowledged ranges beyond the mark-delete position a cursor persists;
+    /// beyond it the oldest ranges are kept and later acknowledgements are redelivered after a
+    /// restart (at-least-once).
+    pub cursor_max_persisted_ranges: usize,
+}
+
+/// How entries reach consumers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Most entries read from storage at once for a subscription.
+    pub read_batch_entries: usize,
+    /// Most bytes read from storage at once for a subscription.
+    pub read_batch_bytes: ByteSize,
+    /// Most permits a consumer may hold (a larger Flow is capped).
+    pub max_consumer_permits: u32,
+    /// Most entries a key_shared subscription holds back for busy consumers before it stops
+    /// reading ahead.
+    pub max_replay_entries: usize,
+}
+
+/// Bounds that keep a broker's memory fixed whatever its clients do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Batches a producer may have in flight; beyond it the broker stops reading its stream.
+    pub max_pending_publishes_per_producer: usize,
+    /// Batches all producers of one connection may have in flight.
+    pub max_pending_publishes_per_connection: usize,
+    /// Bytes of in-flight publishes across the broker.
+    pub max_publish_memory: ByteSize,
+    /// Producers plus consumers per connection.
+    pub max_streams_per_connection: u32,
+    /// Connections idle this long are closed (QUIC keeps live ones alive).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 6650)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metadata_url: "etcd://127.0.0.1:2379/magnetar".into(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            data_dir: PathBuf::from("data/broker"),
+            allow_auto_topic_creation: true,
+            max_message_bytes: ByteSize::mib(5),
+            ledger: ManagedLedgerConfig::default(),
+            dispatch: DispatchConfig::default(),
+            limits: LimitsConfig::default(),
+            cache_bytes: ByteSize::mib(128),
+            ledger_client: LedgerClientConfig::default(),
+        }
+    }
+}
+
+impl Default for ManagedLedgerConfig {
+    fn default() -> Self {
+        Self {
+            ensemble_size: 2,
+            write_quorum: 2,
+            ack_quorum: 2,
+            rollover_max_entries: 50_000,
+            rollover_max_bytes: ByteSize::gib(2),
+            rollover_max_age: Duration::from_secs(4 * 3600),
+            cursor_persist_interval: Duration::from_secs(1),
+            cursor_max_persisted_ranges: 10_000,
+        }
+    }
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            read_batch_entries: 100,
+            read_batch_bytes: ByteSize::mib(4),
+            max_consumer_permits: 100_000,
+            max_replay_entries: 10_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_publishes_per_producer: 1000,
+            max_pending_publishes_per_connection: 10_000,
+            max_publish_memory: ByteSize::mib(128),
+            max_streams_per_connection: 1000,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The largest `max_message_bytes` a configuration may set (a bookie entry holds it).
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 32 * 1024 * 1024;
+
+fn fail<T>(msg: String) -> Result<T, ConfigError> {
+    Err(ConfigError(msg))
+}
+
+impl RoleConfig for BrokerConfig {
+    const ENV_PREFIX: &'static str = "MAGNETAR_BROKER_";
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.metadata_url.starts_with("etcd://") || self.metadata_url.starts_with("embedded:")) {
+            return fail(format!("metadata_url {:?} must start with etcd:// or embedded:", self.metadata_url));
+        }
+        if self.tls_cert_file.as_os_str().is_empty() != self.tls_key_file.as_os_str().is_empty() {
+            return fail("tls_cert_file and tls_key_file must be set together (or both left empty)".into());
+        }
+        let max = self.max_message_bytes.as_u64();
+        if !(1024..=MAX_MESSAGE_BYTES_LIMIT).contains(&max) {
+            return fail(format!("max_message_bytes is {max}; it must be between 1 KiB and 32 MiB"));
+        }
+        let l = &self.ledger;
+        if !(l.ensemble_size >= l.write_quorum && l.write_quorum >= l.ack_quorum && l.ack_quorum >= 1) {
+            return fail(format!(
+                "ledger quorums must satisfy ensemble_size >= write_quorum >= ack_quorum >= 1, got {}/{}/{}",
+                l.ensemble_size, l.write_quorum, l.ack_quorum
+            ));
+        }
+        if l.rollover_max_entries == 0 || l.rollover_max_bytes.as_u64() < max {
+            return fail(
+                "ledger.rollover_max_entries must be positive and rollover_max_bytes at least max_message_bytes".into(),
+            );
+        }
+        if l.cursor_persist_interval.is_zero() || l.rollover_max_age.is_zero() {
+            return fail("ledger.cursor_persist_interval and ledger.rollover_max_age must be positive".into());
+        }
+        let d = &self.dispatch;
+        if d.read_batch_entries == 0 || d.max_consumer_permits == 0 || d.max_replay_entries == 0 {
+            return fail("dispatch limits must be positive".into());
+        }
+        let lim = &self.limits;
+        if lim.max_pending_publishes_per_producer == 0 || lim.max_pending_publishes_per_connection == 0 {
+            return fail("limits.max_pending_publishes_* must be positive".into());
+        }
+        if lim.max_publish_memory.as_u64() < max {
+            return fail(format!(
+                "limits.max_publish_memory ({}) must be at least max_message_bytes ({})",
+                lim.max_publish_memory, self.max_message_bytes
+            ));
+        }
+        if lim.max_streams_per_connection == 0 || lim.idle_timeout < Duration::from_secs(1) {
+            return fail("limits.max_streams_per_connection must be positive and idle_timeout at least 1s".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use magnetar_common::config::from_toml;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        BrokerConfig::default().validate().expect("defaults valid");
+        let c: BrokerConfig =
+            from_toml("max_message_bytes = \"1MiB\"\n[ledger]\nrollover_max_age = \"10m\"\n").expect("parses");
+        assert_eq!(c.max_message_bytes, ByteSize::mib(1));
+        assert_eq!(c.ledger.rollover_max_age, Duration::from_secs(600));
+        let err = from_toml::<BrokerConfig>("[ledger]\nensemble_size = 1\nwrite_quorum = 2\n").expect_err("quorum");
+        assert!(err.to_string().contains("ensemble_size >= write_quorum"), "{err}");
+        let err = from_toml::<BrokerConfig>("tls_cert_file = \"a.pem\"\n").expect_err("tls");
+        assert!(err.to_string().contains("tls_key_file"), "{err}");
+        assert!(from_toml::<BrokerConfig>("no_such_field = 1\n").is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! Prometheus metrics of a broker, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabel {
+    pub topic: String,
+    pub subscription: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub messages_in: Family<TopicLabel, Counter>,
+    pub bytes_in: Family<TopicLabel, Counter>,
+    pub messages_out: Family<TopicLabel, Counter>,
+    pub bytes_out: Family<TopicLabel, Counter>,
+    pub publish_errors: Family<TopicLabel, Counter>,
+    pub publish_latency: Histogram,
+    pub backlog: Family<SubscriptionLabel, Gauge>,
+    pub consumers: Family<SubscriptionLabel, Gauge>,
+    pub storage_bytes: Family<TopicLabel, Gauge>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_bytes: Gauge,
+    pub connections: Gauge,
+    pub publish_memory_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("magnetar_broker");
+        let m = Self {
+            messages_in: Family::default(),
+            bytes_in: Family::default(),
+            messages_out: Family::default(),
+            bytes_out: Family::default(),
+            publish_errors: Family::default(),
+            publish_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
+            backlog: Family::default(),
+            consumers: Family::default(),
+            storage_bytes: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_bytes: Gauge::default(),
+            connections: Gauge::default(),
+            publish_memory_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("messages_in", "Messages published and stored", m.messages_in.clone());
+        registry.register("bytes_in", "Bytes of batches published and stored", m.bytes_in.clone());
+        registry.register("messages_out", "Messages delivered to consumers", m.messages_out.clone());
+        registry.register("bytes_out", "Bytes of batches delivered to consumers", m.bytes_out.clone());
+        registry.register("publish_errors", "Batches that could not be stored", m.publish_errors.clone());
+        registry.register(
+            "publish_latency_seconds",
+            "From receiving a batch to its durable acknowledgement",
+            m.publish_latency.clone(),
+        );
+        registry.register("subscription_backlog_entries", "Unacknowledged entries (batches)", m.backlog.clone());
+        registry.register("subscription_consumers", "Consumers attached", m.consumers.clone());
+        registry.register("topic_storage_bytes", "Bytes of entries stored", m.storage_bytes.clone());
+        registry.register("cache_hits", "Entry reads served from the cache", m.cache_hits.clone());
+        registry.register("cache_misses", "Entry reads that went to bookies", m.cache_misses.clone());
+        registry.register("cache_bytes", "Bytes held by the entry cache", m.cache_bytes.clone());
+        registry.register("connections", "Client connections open", m.connections.clone());
+        registry.register("publish_memory_bytes", "Bytes of publishes in flight", m.publish_memory_bytes.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn record_out(&self, topic: &str, messages: u64, bytes: u64) {
+        let l = TopicLabel { topic: topic.to_string() };
+        self.messages_out.get_or_create(&l).inc_by(messages);
+        self.bytes_out.get_or_create(&l).inc_by(bytes);
+    }
+
+    pub fn record_in(&self, topic: &str, messages: u64, bytes: u64) {
+        let l = TopicLabel { topic: topic.to_string() };
+        self.messages_in.get_or_create(&l).inc_by(messages);
+        self.bytes_in.get_or_create(&l).inc_by(bytes);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,420 @@
+//! The QUIC front-end: the only module that knows quinn. One connection per client; every
+//! producer and consumer has its own bidirectional stream, so a slow consumer never stalls
+//! another topic. Frames are decoded with `magnetar_common::wire`; requests go to the
+//! [`BrokerService`]. A malformed frame closes that connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use magnetar_common::wire::{self, ErrorCode, Frame, ProducerRequest, SubscribeRequest};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::BrokerConfig;
+use crate::service::{BrokerService, ConsumerEvent, ServiceError, SubscribeParams};
+
+/// Application close codes (append-only).
+const CLOSE_SHUTDOWN: u32 = 1;
+const CLOSE_PROTOCOL_ERROR: u32 = 2;
+
+/// Bytes of outgoing frames gathered before one write.
+const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug)]
+pub struct QuicServer {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl QuicServer {
+    pub fn start(
+        config: &BrokerConfig,
+        tls: Arc<rustls::ServerConfig>,
+        service: Arc<BrokerService>,
+    ) -> Result<Self, std::io::Error> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| std::io::Error::other(format!("TLS configuration unusable for QUIC: {e}")))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(config.limits.max_streams_per_connection))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
+            .receive_window(VarInt::from_u32(32 * 1024 * 1024))
+            .send_window(32 * 1024 * 1024)
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(config.limits.idle_timeout)
+                    .map_err(|e| std::io::Error::other(format!("idle_timeout: {e}")))?,
+            ));
+        server.transport_config(Arc::new(transport));
+        let endpoint = Endpoint::server(server, config.quic_addr)?;
+        let local_addr = endpoint.local_addr()?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let max_frame = config.max_message_bytes.as_u64() as usize + 64 * 1024;
+        let per_connection = config.limits.max_pending_publishes_per_connection;
+        let per_producer = config.limits.max_pending_publishes_per_producer;
+        let limits = Limits { max_frame, per_connection, per_producer };
+        tasks.spawn(accept_loop(endpoint.clone(), service, stop.clone(), tasks.clone(), limits));
+        Ok(Self { endpoint, local_addr, stop, tasks })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops reading new requests, lets in-flight publishes answer, then closes connections.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(drain, self.tasks.wait()).await.is_err() {
+            warn!("QUIC streams did not drain in {drain:?}; closing connections");
+        }
+        self.endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"broker shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_frame: usize,
+    per_connection: usize,
+    per_producer: usize,
+}
+
+async fn accept_loop(
+    endpoint: Endpoint,
+    service: Arc<BrokerService>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    limits: Limits,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+        };
+        let service = service.clone();
+        let stop = stop.clone();
+        let t = tasks.clone();
+        tasks.spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, service, stop, t, limits).await,
+                Err(e) => debug!(error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    conn: Connection,
+    service: Arc<BrokerService>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    limits: Limits,
+) {
+    let remote = conn.remote_address();
+    debug!(%remote, "client connected");
+    service.metrics().connections.inc();
+    let publish_slots = Arc::new(Semaphore::new(limits.per_connection));
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(%remote, reason = %e, "connection ended");
+                    break;
+                }
+            },
+        };
+        let ctx = StreamCtx {
+            service: service.clone(),
+            conn: conn.clone(),
+            stop: stop.clone(),
+            limits,
+            publish_slots: publish_slots.clone(),
+        };
+        tasks.spawn(serve_stream(ctx, send, recv));
+    }
+    service.metrics().connections.dec();
+}
+
+#[derive(Clone)]
+struct StreamCtx {
+    service: Arc<BrokerService>,
+    conn: Connection,
+    stop: CancellationToken,
+    limits: Limits,
+    publish_slots: Arc<Semaphore>,
+}
+
+/// Reads frames from one stream.
+struct FrameReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+enum ReadError {
+    /// The peer finished or reset the stream, or the connection ended.
+    Closed,
+    /// The bytes are not a valid frame.
+    Malformed(wire::FrameError),
+}
+
+impl FrameReader {
+    async fn next(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            match wire::decode(&mut self.buf, self.max_frame) {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::Malformed(e)),
+            }
+            match self.recv.read_chunk(self.max_frame, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) | Err(_) => return Err(ReadError::Closed),
+            }
+        }
+    }
+}
+
+fn protocol_error(conn: &Connection, e: &wire::FrameError) {
+    warn!(remote = %conn.remote_address(), error = %e, "malformed frame; closing the connection");
+    conn.close(VarInt::from_u32(CLOSE_PROTOCOL_ERROR), format!("malformed frame: {e}").as_bytes());
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame) -> bool {
+    send.write_all(&frame.to_bytes()).await.is_ok()
+}
+
+async fn refuse(mut send: SendStream, e: &ServiceError) {
+    let _ = write_frame(&mut send, &Frame::Error { code: e.code(), message: e.to_string() }).await;
+    let _ = send.finish();
+}
+
+async fn serve_stream(ctx: StreamCtx, send: SendStream, recv: RecvStream) {
+    let mut reader = FrameReader { recv, buf: BytesMut::with_capacity(64 * 1024), max_frame: ctx.limits.max_frame };
+    let first = tokio::select! {
+        _ = ctx.stop.cancelled() => return,
+        f = reader.next() => f,
+    };
+    match first {
+        Ok(Frame::Producer(req)) => serve_producer(ctx, req, send, reader).await,
+        Ok(Frame::Subscribe(req)) => serve_consumer(ctx, req, send, reader).await,
+        Ok(other) => {
+            let e = ServiceError::BadRequest(format!(
+                "a stream must start with Producer or Subscribe, not {}",
+                frame_name(&other)
+            ));
+            refuse(send, &e).await;
+        }
+        Err(ReadError::Malformed(e)) => protocol_error(&ctx.conn, &e),
+        Err(ReadError::Closed) => {}
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Producer(_) => "Producer",
+        Frame::ProducerReady { .. } => "ProducerReady",
+        Frame::Send { .. } => "Send",
+        Frame::SendReceipt { .. } => "SendReceipt",
+        Frame::SendError { .. } => "SendError",
+        Frame::Subscribe(_) => "Subscribe",
+        Frame::SubscribeReady { .. } => "SubscribeReady",
+        Frame::Flow { .. } => "Flow",
+        Frame::Message { .. } => "Message",
+        Frame::Ack { .. } => "Ack",
+        Frame::Redeliver { .. } => "Redeliver",
+        Frame::ActiveConsumerChange { .. } => "ActiveConsumerChange",
+        Frame::Error { .. } => "Error",
+    }
+}
+
+type Receipt = std::pin::Pin<Box<dyn Future<Output = Frame> + Send>>;
+
+async fn serve_producer(ctx: StreamCtx, req: ProducerRequest, mut send: SendStream, mut reader: FrameReader) {
+    let producer = match ctx.service.create_producer(&req.topic, &req.producer_name).await {
+        Ok(p) => p,
+        Err(e) => return refuse(send, &e).await,
+    };
+    let ready = Frame::ProducerReady {
+        producer_name: producer.name().to_string(),
+        topic: producer.topic().to_string(),
+        max_message_bytes: producer.max_message_bytes(),
+    };
+    if !write_frame(&mut send, &ready).await {
+        return;
+    }
+    info!(topic = %producer.topic(), producer = producer.name(), "producer attached");
+    // The bounded queue is the per-producer limit on publishes in flight: when it is full the
+    // reader stops reading, and QUIC flow control slows the client.
+    let (tx, mut rx) = mpsc::channel::<Receipt>(ctx.limits.per_producer);
+    let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        while let Some(receipt) = rx.recv().await {
+            receipt.await.encode(&mut buf);
+            while buf.len() < WRITE_COALESCE_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => r.await.encode(&mut buf),
+                    Err(_) => break,
+                }
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+        let _ = send.finish();
+    });
+    loop {
+        let frame = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            f = reader.next() => f,
+        };
+        match frame {
+            Ok(Frame::Send { sequence_id, num_messages, payload }) => {
+                let Ok(slot) = ctx.publish_slots.clone().acquire_owned().await else { break };
+                let receipt: Receipt = match producer.publish(payload, num_messages).await {
+                    Ok(done) => Box::pin(async move {
+                        let r = done.await;
+                        drop(slot);
+                        match r {
+                            Ok(position) => Frame::SendReceipt { sequence_id, position },
+                            Err(e) => Frame::SendError { sequence_id, code: e.code(), message: e.to_string() },
+                        }
+                    }),
+                    Err(e) => Box::pin(std::future::ready(Frame::SendError {
+                        sequence_id,
+                        code: e.code(),
+                        message: e.to_string(),
+                    })),
+                };
+                if tx.send(receipt).await.is_err() {
+                    break;
+                }
+            }
+            Ok(other) => {
+                let msg = format!("unexpected {} frame on a producer stream", frame_name(&other));
+                let _ = tx
+                    .send(Box::pin(std::future::ready(Frame::Error { code: ErrorCode::BadRequest, message: msg })))
+                    .await;
+                break;
+            }
+            Err(ReadError::Malformed(e)) => {
+                protocol_error(&ctx.conn, &e);
+                break;
+            }
+            Err(ReadError::Closed) => break,
+        }
+    }
+    // Answer what is in flight, then end the stream.
+    drop(tx);
+    let _ = writer.await;
+    debug!(topic = %producer.topic(), producer = producer.name(), "producer detached");
+}
+
+async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStream, mut reader: FrameReader) {
+    let params = SubscribeParams {
+        subscription: req.subscription.clone(),
+        subscription_type: req.subscription_type,
+        initial_position: req.initial_position,
+        consumer_name: if req.consumer_name.is_empty() {
+            format!("consumer-{:08x}", rand::random::<u32>())
+        } else {
+            req.consumer_name.clone()
+        },
+        priority: req.priority,
+        durable: req.durable,
+        start: req.start,
+    };
+    let (handle, mut events) = match ctx.service.subscribe(&req.topic, params).await {
+        Ok(x) => x,
+        Err(e) => return refuse(send, &e).await,
+    };
+    if !write_frame(&mut send, &Frame::SubscribeReady { topic: handle.topic().to_string() }).await {
+        handle.close().await;
+        return;
+    }
+    info!(topic = %handle.topic(), subscription = %req.subscription, "consumer attached");
+    let (errors_tx, mut errors_rx) = mpsc::unbounded_channel::<Frame>();
+    let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        loop {
+            tokio::select! {
+                biased;
+                f = errors_rx.recv() => match f {
+                    Some(f) => f.encode(&mut buf),
+                    None => {
+                        let _ = send.finish();
+                        return;
+                    }
+                },
+                ev = events.recv() => {
+                    let Some(ev) = ev else {
+                        let f = Frame::Error { code: ErrorCode::ServiceUnavailable, message: "subscription closed by the broker".into() };
+                        let _ = write_frame(&mut send, &f).await;
+                        let _ = send.finish();
+                        return;
+                    };
+                    encode_event(ev, &mut buf);
+                    while buf.len() < WRITE_COALESCE_BYTES {
+                        match events.try_recv() {
+                            Ok(ev) => encode_event(ev, &mut buf),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    });
+    loop {
+        let frame = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            f = reader.next() => f,
+        };
+        match frame {
+            Ok(Frame::Flow { permits }) => handle.flow(permits),
+            Ok(Frame::Ack { cumulative, positions }) => {
+                if let Err(e) = handle.ack(positions, cumulative) {
+                    let _ = errors_tx.send(Frame::Error { code: e.code(), message: e.to_string() });
+                }
+            }
+            Ok(Frame::Redeliver { positions }) => handle.redeliver(positions),
+            Ok(other) => {
+                let message = format!("unexpected {} frame on a consumer stream", frame_name(&other));
+                let _ = errors_tx.send(Frame::Error { code: ErrorCode::BadRequest, message });
+                break;
+            }
+            Err(ReadError::Malformed(e)) => {
+                protocol_error(&ctx.conn, &e);
+                break;
+            }
+            Err(ReadError::Closed) => break,
+        }
+    }
+    drop(errors_tx);
+    handle.close().await;
+    let _ = writer.await;
+}
+
+fn encode_event(ev: ConsumerEvent, buf: &mut BytesMut) {
+    match ev {
+        ConsumerEvent::Message { position, redelivery_count, payload } => {
+            Frame::Message { position, redelivery_count, payload }.encode(buf)
+        }
+        ConsumerEvent::ActiveChange { active } => Frame::ActiveConsumerChange { active }.encode(buf),
+    }
+}

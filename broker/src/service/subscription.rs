@@ -1,0 +1,518 @@
+//! A subscription: its cursor, its consumers, and the dispatcher that hands entries to them.
+//!
+//! One task per subscription owns all of its state, so acknowledgements, flow permits,
+//! redeliveries and new entries are applied in one order without locks. Delivery rules:
+//! - exclusive: one consumer; failover: the consumer with the lowest (priority, name) is active,
+//!   the others stand by and take over, in that order, when it leaves;
+//! - shared: round robin over consumers that have permits;
+//! - key_shared: each batch key maps to one consumer through a consistent-hash ring; a consumer
+//!   that joins receives entries of its keys read after it joined only once everything before
+//!   its join is acknowledged, so per-key order holds while keys move.
+//!
+//! Entries that cannot go out now (no permits, or held for ordering) wait in the replay set,
+//! which is served first and in position order. Redeliveries (negative acks, disconnects) go there
+//! too, with their redelivery count raised. Permits count messages; a batch of n uses n.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use magnetar_common::batch;
+use magnetar_common::ids::Position;
+use magnetar_common::metadata::{PutOptions, SharedStore};
+use magnetar_common::wire::SubscriptionType;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::ServiceError;
+use super::cursor::{Cursor, StoredCursor};
+use super::managed_ledger::ManagedLedger;
+use super::topic::TopicCounters;
+use crate::config::{DispatchConfig, ManagedLedgerConfig};
+
+pub type ConsumerId = u64;
+
+/// What a consumer's front-end receives.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    Message { position: Position, redelivery_count: u32, payload: Bytes },
+    ActiveChange { active: bool },
+}
+
+/// A consumer asking to attach.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub name: String,
+    pub priority: i32,
+    pub subscription_type: SubscriptionType,
+}
+
+#[derive(Debug)]
+pub(super) enum SubCmd {
+    Attach {
+        spec: ConsumerSpec,
+        reply: oneshot::Sender<Result<(ConsumerId, mpsc::UnboundedReceiver<ConsumerEvent>), ServiceError>>,
+    },
+    Detach {
+        id: ConsumerId,
+        reply: oneshot::Sender<usize>,
+    },
+    Flow {
+        id: ConsumerId,
+        permits: u32,
+    },
+    Ack {
+        positions: Vec<Position>,
+        cumulative: bool,
+    },
+    Redeliver {
+        id: ConsumerId,
+        positions: Vec<Position>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the metrics endpoint reads about a subscription.
+#[derive(Debug, Default)]
+pub struct SubscriptionStats {
+    /// (mark-delete position plus one, individually acknowledged entries beyond it).
+    pub cursor: Mutex<(Position, usize)>,
+    pub consumers: std::sync::atomic::AtomicUsize,
+}
+
+/// Metadata key of a durable subscription's cursor.
+pub fn cursor_key(topic_path: &str, subscription: &str) -> String {
+    format!("/cursors/{topic_path}/{subscription}")
+}
+
+struct ConsumerState {
+    spec: ConsumerSpec,
+    permits: i64,
+    tx: mpsc::UnboundedSender<ConsumerEvent>,
+    /// key_shared: entries from here on wait until everything before it is acknowledged.
+    join_pos: Option<Position>,
+}
+
+pub(super) struct Subscription {
+    pub name: String,
+    pub topic_path: String,
+    pub ml: Arc<ManagedLedger>,
+    pub store: SharedStore,
+    pub durable: bool,
+    pub sub_type: SubscriptionType,
+    pub cursor: Cursor,
+    pub dispatch: DispatchConfig,
+    pub ledger: ManagedLedgerConfig,
+    pub stats: Arc<SubscriptionStats>,
+    pub counters: Arc<TopicCounters>,
+}
+
+struct Actor {
+    s: Subscription,
+    dirty: bool,
+    read_pos: Position,
+    replay: BTreeSet<Position>,
+    pending: BTreeMap<Position, ConsumerId>,
+    redeliveries: HashMap<Position, u32>,
+    consumers: BTreeMap<ConsumerId, ConsumerState>,
+    next_id: ConsumerId,
+    rr: ConsumerId,
+    active: Option<ConsumerId>,
+    ring: BTreeMap<u32, ConsumerId>,
+}
+
+impl Subscription {
+    /// Starts the subscription's task.
+    pub fn start(self) -> mpsc::UnboundedSender<SubCmd> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let read_pos = self.cursor.acked_before();
+        let actor = Actor {
+            s: self,
+            dirty: false,
+            read_pos,
+            replay: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            redeliveries: HashMap::new(),
+            consumers: BTreeMap::new(),
+            next_id: 1,
+            rr: 0,
+            active: None,
+            ring: BTreeMap::new(),
+        };
+        tokio::spawn(actor.run(rx));
+        tx
+    }
+
+    /// Persists the cursor (compare-and-swap is not needed: the topic's owner is the only writer).
+    pub async fn persist(&self) -> Result<(), ServiceError> {
+        if !self.durable {
+            return Ok(());
+        }
+        let stored: StoredCursor = self.cursor.to_stored(self.ledger.cursor_max_persisted_ranges);
+        let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.store.put(&cursor_key(&self.topic_path, &self.name), Bytes::from(value), PutOptions::any()).await?;
+        Ok(())
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SubCmd>) {
+        let mut confirmed = self.s.ml.subscribe_confirmed();
+        let mut persist = tokio::time::interval(self.s.ledger.cursor_persist_interval);
+        persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if let SubCmd::Close { reply } = cmd {
+                        self.persist_now().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    self.handle(cmd);
+                    // Apply every queued command before dispatching (acks in bulk are cheap).
+                    while let Ok(cmd) = rx.try_recv() {
+                        if let SubCmd::Close { reply } = cmd {
+                            self.persist_now().await;
+                            let _ = reply.send(());
+                            return;
+                        }
+                        self.handle(cmd);
+                    }
+                }
+                changed = confirmed.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = persist.tick() => {
+                    if self.dirty {
+                        self.persist_now().await;
+                    }
+                    continue;
+                }
+            }
+            self.publish_stats();
+            if let Err(e) = self.dispatch().await {
+                warn!(topic = %self.s.topic_path, subscription = %self.s.name, error = %e, "dispatch");
+                // Storage trouble: try again on the next event or tick.
+            }
+        }
+        self.persist_now().await;
+    }
+
+    async fn persist_now(&mut self) {
+        match self.s.persist().await {
+            Ok(()) => self.dirty = false,
+            Err(e) => warn!(topic = %self.s.topic_path, subscription = %self.s.name, error = %e, "persist cursor"),
+        }
+    }
+
+    fn publish_stats(&self) {
+        *self.s.stats.cursor.lock().unwrap_or_else(|p| p.into_inner()) =
+            (self.s.cursor.acked_before(), self.s.cursor.individually_acked());
+        self.s.stats.consumers.store(self.consumers.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, cmd: SubCmd) {
+        match cmd {
+            SubCmd::Attach { spec, reply } => {
+                let _ = reply.send(self.attach(spec));
+            }
+            SubCmd::Detach { id, reply } => {
+                self.detach(id);
+                let _ = reply.send(self.consumers.len());
+            }
+            SubCmd::Flow { id, permits } => {
+                if let Some(c) = self.consumers.get_mut(&id) {
+                    c.permits = (c.permits + i64::from(permits)).min(i64::from(self.s.dispatch.max_consumer_permits));
+                }
+            }
+            SubCmd::Ack { positions, cumulative } => self.ack(positions, cumulative),
+            SubCmd::Redeliver { id, positions } => {
+                let mine: Vec<Position> = if positions.is_empty() {
+                    self.pending.iter().filter(|(_, c)| **c == id).map(|(p, _)| *p).collect()
+                } else {
+                    positions.into_iter().filter(|p| self.pending.get(p) == Some(&id)).collect()
+                };
+                self.requeue(mine);
+            }
+            SubCmd::Close { .. } => {}
+        }
+    }
+
+    fn attach(
+        &mut self,
+        spec: ConsumerSpec,
+    ) -> Result<(ConsumerId, mpsc::UnboundedReceiver<ConsumerEvent>), ServiceError> {
+        if !self.consumers.is_empty() && spec.subscription_type != self.s.sub_type {
+            return Err(ServiceError::ConsumerBusy(format!(
+                "subscription {} is {} with consumers attached; a {} consumer cannot join",
+                self.s.name, self.s.sub_type, spec.subscription_type
+            )));
+        }
+        if spec.subscription_type == SubscriptionType::Exclusive && !self.consumers.is_empty() {
+            return Err(ServiceError::ConsumerBusy(format!(
+                "exclusive subscription {} already has a consumer",
+                self.s.name
+            )));
+        }
+        self.s.sub_type = spec.subscription_type;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let join_pos = (self.s.sub_type == SubscriptionType::KeyShared
+            && !self.consumers.is_empty()
+            && self.s.cursor.acked_before() < self.read_pos)
+            .then_some(self.read_pos);
+        debug!(topic = %self.s.topic_path, subscription = %self.s.name, consumer = %spec.name, id, "consumer attached");
+        self.consumers.insert(id, ConsumerState { spec, permits: 0, tx, join_pos });
+        self.membership_changed();
+        Ok((id, rx))
+    }
+
+    fn detach(&mut self, id: ConsumerId) {
+        if self.consumers.remove(&id).is_none() {
+            return;
+        }
+        let theirs: Vec<Position> = self.pending.iter().filter(|(_, c)| **c == id).map(|(p, _)| *p).collect();
+        self.requeue(theirs);
+        self.membership_changed();
+    }
+
+    /// Puts delivered entries back for redelivery, counting the redelivery.
+    fn requeue(&mut self, positions: Vec<Position>) {
+        for p in positions {
+            if self.pending.remove(&p).is_some() {
+                *self.redeliveries.entry(p).or_insert(0) += 1;
+                self.replay.insert(p);
+            }
+        }
+    }
+
+    fn membership_changed(&mut self) {
+        match self.s.sub_type {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => {
+                let best = self
+                    .consumers
+                    .iter()
+                    .min_by(|a, b| {
+                        (a.1.spec.priority, &a.1.spec.name, a.0).cmp(&(b.1.spec.priority, &b.1.spec.name, b.0))
+                    })
+                    .map(|(id, _)| *id);
+                if best != self.active {
+                    // The previous active consumer's unacknowledged entries go to the new one.
+                    if let Some(old) = self.active {
+                        let theirs: Vec<Position> =
+                            self.pending.iter().filter(|(_, c)| **c == old).map(|(p, _)| *p).collect();
+                        for p in theirs {
+                            self.pending.remove(&p);
+                            self.replay.insert(p);
+                        }
+                    }
+                    self.active = best;
+                }
+                if self.s.sub_type == SubscriptionType::Failover {
+                    for (id, c) in &self.consumers {
+                        let _ = c.tx.send(ConsumerEvent::ActiveChange { active: Some(*id) == self.active });
+                    }
+                }
+            }
+            SubscriptionType::KeyShared => {
+                self.ring.clear();
+                for (id, c) in &self.consumers {
+                    for i in 0..RING_POINTS_PER_CONSUMER {
+                        let point = crc32c::crc32c(format!("{}#{id}#{i}", c.spec.name).as_bytes());
+                        self.ring.insert(point, *id);
+                    }
+                }
+            }
+            SubscriptionType::Shared => {}
+        }
+    }
+
+    fn ack(&mut self, positions: Vec<Position>, cumulative: bool) {
+        let ml = self.s.ml.clone();
+        let normalize = |p| ml.normalize(p);
+        for p in positions {
+            if cumulative {
+                self.s.cursor.ack_cumulative(p, normalize);
+                let after = Position::new(p.ledger_id, p.entry_id + 1);
+                self.pending = self.pending.split_off(&after);
+                self.replay = self.replay.split_off(&after);
+                self.redeliveries.retain(|q, _| *q >= after);
+            } else {
+                self.s.cursor.ack(p, normalize);
+                self.pending.remove(&p);
+                self.replay.remove(&p);
+                self.redeliveries.remove(&p);
+            }
+        }
+        self.dirty = true;
+        let mark = self.s.cursor.acked_before();
+        for c in self.consumers.values_mut() {
+            if c.join_pos.is_some_and(|j| mark >= j) {
+                c.join_pos = None;
+            }
+        }
+    }
+
+    fn has_permits(&self) -> bool {
+        match self.s.sub_type {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => {
+                self.active.and_then(|a| self.consumers.get(&a)).is_some_and(|c| c.permits > 0)
+            }
+            _ => self.consumers.values().any(|c| c.permits > 0),
+        }
+    }
+
+    /// Sends what can be sent now: redeliveries first, then new entries.
+    async fn dispatch(&mut self) -> Result<(), ServiceError> {
+        loop {
+            if !self.has_permits() {
+                return Ok(());
+            }
+            let mut blocked = HashSet::new();
+            let mut progressed = false;
+            if !self.replay.is_empty() {
+                progressed |= self.dispatch_replay(&mut blocked).await?;
+            }
+            if !self.has_permits() {
+                return Ok(());
+            }
+            let end = self.s.ml.end_position();
+            let room = self.replay.len() < self.s.dispatch.max_replay_entries;
+            if self.read_pos < end
+                && room
+                && (self.replay.is_empty()
+                    || self.s.sub_type != SubscriptionType::Exclusive && self.s.sub_type != SubscriptionType::Failover)
+            {
+                let n = self.s.dispatch.read_batch_entries.min(self.total_permits().max(1) as usize);
+                let entries =
+                    self.s.ml.read(self.read_pos, n, self.s.dispatch.read_batch_bytes.as_u64() as usize).await?;
+                match entries.last() {
+                    Some((p, _)) => self.read_pos = Position::new(p.ledger_id, p.entry_id + 1),
+                    None => {
+                        // Nothing stored at the read position: move it over ledger boundaries.
+                        let next = self.s.ml.normalize(self.read_pos);
+                        if next == self.read_pos {
+                            return Ok(());
+                        }
+                        self.read_pos = next;
+                        continue;
+                    }
+                }
+                for (p, payload) in entries {
+                    if self.s.cursor.is_acked(p) {
+                        continue;
+                    }
+                    if !self.deliver(p, payload, &mut blocked) {
+                        self.replay.insert(p);
+                    } else {
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn total_permits(&self) -> i64 {
+        self.consumers.values().map(|c| c.permits.max(0)).sum()
+    }
+
+    async fn dispatch_replay(&mut self, blocked: &mut HashSet<ConsumerId>) -> Result<bool, ServiceError> {
+        let mut progressed = false;
+        let batch: Vec<Position> = self.replay.iter().take(self.s.dispatch.read_batch_entries).copied().collect();
+        let mut i = 0;
+        while i < batch.len() {
+            // A run of consecutive entries of one ledger is one read.
+            let start = batch[i];
+            let mut j = i + 1;
+            while j < batch.len()
+                && batch[j].ledger_id == start.ledger_id
+                && batch[j].entry_id == batch[j - 1].entry_id + 1
+            {
+                j += 1;
+            }
+            let entries = self.s.ml.read(start, j - i, self.s.dispatch.read_batch_bytes.as_u64() as usize).await?;
+            let got: HashMap<Position, Bytes> = entries.into_iter().collect();
+            for p in &batch[i..j] {
+                if self.s.cursor.is_acked(*p) {
+                    self.replay.remove(p);
+                    continue;
+                }
+                let Some(payload) = got.get(p) else {
+                    if self.s.ml.read_entry(*p).await?.is_none() {
+                        // Gone from storage (should not happen while unacknowledged).
+                        warn!(topic = %self.s.topic_path, position = %p, "entry to redeliver no longer exists");
+                        self.replay.remove(p);
+                    }
+                    continue;
+                };
+                if self.deliver(*p, payload.clone(), blocked) {
+                    self.replay.remove(p);
+                    progressed = true;
+                }
+            }
+            i = j;
+        }
+        Ok(progressed)
+    }
+
+    /// Chooses the consumer for an entry and sends it; false if it must wait.
+    fn deliver(&mut self, p: Position, payload: Bytes, blocked: &mut HashSet<ConsumerId>) -> bool {
+        let header = batch::read_header(&payload).ok();
+        let num_messages = header.as_ref().map_or(1, |h| i64::from(h.num_messages));
+        let target = match self.s.sub_type {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => self.active,
+            SubscriptionType::Shared => self.next_round_robin(),
+            SubscriptionType::KeyShared => match header.as_ref().and_then(|h| h.key.as_ref()) {
+                Some(key) => self.ring_lookup(crc32c::crc32c(key)),
+                None => self.next_round_robin(),
+            },
+        };
+        let Some(target) = target else { return false };
+        if blocked.contains(&target) {
+            return false;
+        }
+        let Some(c) = self.consumers.get_mut(&target) else { return false };
+        let held = c.join_pos.is_some_and(|j| p >= j);
+        if c.permits <= 0 || held {
+            blocked.insert(target);
+            return false;
+        }
+        let redelivery_count = self.redeliveries.get(&p).copied().unwrap_or(0);
+        let len = payload.len();
+        if c.tx.send(ConsumerEvent::Message { position: p, redelivery_count, payload }).is_err() {
+            // The consumer's front-end is gone; its detach is on the way.
+            blocked.insert(target);
+            return false;
+        }
+        c.permits -= num_messages;
+        self.pending.insert(p, target);
+        self.s.counters.messages_out.inc_by(num_messages as u64);
+        self.s.counters.bytes_out.inc_by(len as u64);
+        true
+    }
+
+    fn next_round_robin(&mut self) -> Option<ConsumerId> {
+        let after = self.consumers.range(self.rr + 1..).chain(self.consumers.range(..=self.rr));
+        let found = after.filter(|(_, c)| c.permits > 0).map(|(id, _)| *id).next();
+        if let Some(id) = found {
+            self.rr = id;
+        }
+        found
+    }
+
+    fn ring_lookup(&self, hash: u32) -> Option<ConsumerId> {
+        self.ring.range(hash..).next().or_else(|| self.ring.iter().next()).map(|(_, id)| *id)
+    }
+}
+
+/// Points each key_shared consumer has on the hash ring (more points spread keys more evenly).
+const RING_POINTS_PER_CONSUMER: u32 = 64;

@@ -1,0 +1,377 @@
+//! A topic: its managed ledger, its subscriptions and its producers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use magnetar_common::batch;
+use magnetar_common::ids::Position;
+use magnetar_common::metadata::PutOptions;
+use magnetar_common::topic::TopicName;
+use magnetar_common::wire::{InitialPosition, SubscriptionType};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::cursor::{Cursor, StoredCursor};
+use super::managed_ledger::ManagedLedger;
+use super::subscription::{
+    ConsumerEvent, ConsumerId, ConsumerSpec, SubCmd, Subscription, SubscriptionStats, cursor_key,
+};
+use super::{Context, ServiceError};
+use crate::metrics::TopicLabel;
+
+/// A topic's counters, shared with its subscriptions.
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    pub publish_errors: Counter,
+}
+
+#[derive(Debug)]
+struct SubHandle {
+    tx: mpsc::UnboundedSender<SubCmd>,
+    stats: Arc<SubscriptionStats>,
+    durable: bool,
+}
+
+#[derive(Debug)]
+pub struct Topic {
+    name: TopicName,
+    ml: Arc<ManagedLedger>,
+    ctx: Arc<Context>,
+    subs: tokio::sync::Mutex<HashMap<String, SubHandle>>,
+    producers: Mutex<HashSet<String>>,
+    pub(super) counters: Arc<TopicCounters>,
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone)]
+pub struct SubscribeParams {
+    pub subscription: String,
+    pub subscription_type: SubscriptionType,
+    pub initial_position: InitialPosition,
+    pub consumer_name: String,
+    pub priority: i32,
+    pub durable: bool,
+    pub start: Option<Position>,
+}
+
+impl Topic {
+    pub(super) async fn load(name: TopicName, ctx: Arc<Context>, create: bool) -> Result<Arc<Self>, ServiceError> {
+        let ml = ManagedLedger::open(
+            name.clone(),
+            ctx.ledgers.clone(),
+            ctx.cache.clone(),
+            ctx.config.ledger.clone(),
+            create,
+        )
+        .await?;
+        let label = TopicLabel { topic: name.to_string() };
+        let m = &ctx.metrics;
+        let counters = Arc::new(TopicCounters {
+            messages_in: m.messages_in.get_or_create(&label).clone(),
+            bytes_in: m.bytes_in.get_or_create(&label).clone(),
+            messages_out: m.messages_out.get_or_create(&label).clone(),
+            bytes_out: m.bytes_out.get_or_create(&label).clone(),
+            publish_errors: m.publish_errors.get_or_create(&label).clone(),
+        });
+        let topic = Arc::new(Topic {
+            name: name.clone(),
+            ml,
+            ctx: ctx.clone(),
+            subs: tokio::sync::Mutex::new(HashMap::new()),
+            producers: Mutex::new(HashSet::new()),
+            counters,
+        });
+        // Durable subscriptions come back with their cursors.
+        let prefix = format!("{}/", cursor_key(&name.path(), ""));
+        let prefix = prefix.trim_end_matches('/').to_string() + "/";
+        let stored = ctx.store.list(&prefix).await?;
+        let mut subs = topic.subs.lock().await;
+        for kv in stored {
+            let sub_name = kv.key[prefix.len()..].to_string();
+            let cursor: StoredCursor = match serde_json::from_slice(&kv.value) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(topic = %name, subscription = %sub_name, error = %e, "stored cursor is corrupt; skipping");
+                    continue;
+                }
+            };
+            let handle =
+                topic.start_subscription(&sub_name, SubscriptionType::Exclusive, Cursor::from_stored(&cursor), true);
+            subs.insert(sub_name, handle);
+        }
+        let n = subs.len();
+        drop(subs);
+        info!(topic = %name, subscriptions = n, "topic loaded");
+        Ok(topic)
+    }
+
+    fn start_subscription(&self, sub: &str, sub_type: SubscriptionType, cursor: Cursor, durable: bool) -> SubHandle {
+        let stats = Arc::new(SubscriptionStats::default());
+        *stats.cursor.lock().unwrap_or_else(|p| p.into_inner()) = (cursor.acked_before(), cursor.individually_acked());
+        let tx = Subscription {
+            name: sub.to_string(),
+            topic_path: self.name.path(),
+            ml: self.ml.clone(),
+            store: self.ctx.store.clone(),
+            durable,
+            sub_type,
+            cursor,
+            dispatch: self.ctx.config.dispatch.clone(),
+            ledger: self.ctx.config.ledger.clone(),
+            stats: stats.clone(),
+            counters: self.counters.clone(),
+        }
+        .start();
+        SubHandle { tx, stats, durable }
+    }
+
+    pub fn name(&self) -> &TopicName {
+        &self.name
+    }
+
+    pub fn managed_ledger(&self) -> &Arc<ManagedLedger> {
+        &self.ml
+    }
+
+    /// Registers a producer; an empty name gets a generated one.
+    pub(super) fn add_producer(self: &Arc<Self>, name: String) -> Result<String, ServiceError> {
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        if producers.contains(&name) {
+            return Err(ServiceError::ProducerBusy(format!("producer {name:?} is already connected to {}", self.name)));
+        }
+        producers.insert(name.clone());
+        Ok(name)
+    }
+
+    pub(super) fn remove_producer(&self, name: &str) {
+        self.producers.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
+    /// Validates and queues a batch; the returned future resolves when it is durable.
+    pub(super) async fn publish(
+        self: &Arc<Self>,
+        payload: Bytes,
+        num_messages: u32,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<impl Future<Output = Result<Position, ServiceError>> + Send + 'static, ServiceError> {
+        let max = self.ctx.config.max_message_bytes.as_u64() as usize;
+        if payload.len() > max {
+            return Err(ServiceError::MessageTooLarge { size: payload.len(), max });
+        }
+        let header = batch::read_header(&payload).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        if header.num_messages != num_messages {
+            return Err(ServiceError::BadRequest(format!(
+                "Send says {num_messages} messages but its batch holds {}",
+                header.num_messages
+            )));
+        }
+        let len = payload.len() as u64;
+        let started = Instant::now();
+        let done = self.ml.append(payload).await?;
+        let topic = self.clone();
+        Ok(async move {
+            let result = done.await;
+            drop(permit);
+            match &result {
+                Ok(_) => {
+                    topic.counters.messages_in.inc_by(u64::from(num_messages));
+                    topic.counters.bytes_in.inc_by(len);
+                    topic.ctx.metrics.publish_latency.observe(started.elapsed().as_secs_f64());
+                }
+                Err(_) => {
+                    topic.counters.publish_errors.inc();
+                }
+            }
+            result
+        })
+    }
+
+    /// Attaches a consumer, creating the subscription if needed.
+    pub(super) async fn subscribe(
+        self: &Arc<Self>,
+        p: SubscribeParams,
+    ) -> Result<(ConsumerHandle, mpsc::UnboundedReceiver<ConsumerEvent>), ServiceError> {
+        let mut subs = self.subs.lock().await;
+        if let Some(existing) = subs.get(&p.subscription)
+            && existing.tx.is_closed()
+        {
+            subs.remove(&p.subscription);
+        }
+        if !subs.contains_key(&p.subscription) {
+            let start = match (p.start, p.initial_position) {
+                (Some(pos), _) => pos,
+                (None, InitialPosition::Earliest) => self.ml.first_position(),
+                (None, InitialPosition::Latest) => self.ml.end_position(),
+            };
+            let cursor = Cursor::new(start);
+            if p.durable {
+                // The subscription exists (and "latest" is fixed) from now on, even after a crash.
+                let stored = cursor.to_stored(0);
+                let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
+                self.ctx
+                    .store
+                    .put(&cursor_key(&self.name.path(), &p.subscription), Bytes::from(value), PutOptions::any())
+                    .await?;
+            }
+            let handle = self.start_subscription(&p.subscription, p.subscription_type, cursor, p.durable);
+            subs.insert(p.subscription.clone(), handle);
+        }
+        let handle = subs.get(&p.subscription).ok_or_else(|| ServiceError::Internal("subscription vanished".into()))?;
+        let (reply, rx) = oneshot::channel();
+        let spec = ConsumerSpec {
+            name: p.consumer_name.clone(),
+            priority: p.priority,
+            subscription_type: p.subscription_type,
+        };
+        handle.tx.send(SubCmd::Attach { spec, reply }).map_err(|_| ServiceError::Closed(self.name.to_string()))?;
+        let tx = handle.tx.clone();
+        let durable = handle.durable;
+        drop(subs);
+        let (id, events) = rx.await.map_err(|_| ServiceError::Closed(self.name.to_string()))??;
+        Ok((
+            ConsumerHandle {
+                topic: self.clone(),
+                subscription: p.subscription,
+                subscription_type: p.subscription_type,
+                durable,
+                id,
+                tx,
+            },
+            events,
+        ))
+    }
+
+    /// Each subscription with its cursor stats.
+    pub fn subscription_stats(&self) -> Vec<(String, Arc<SubscriptionStats>)> {
+        match self.subs.try_lock() {
+            Ok(subs) => subs.iter().map(|(n, h)| (n.clone(), h.stats.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Unacknowledged entries of a subscription.
+    pub fn backlog(&self, stats: &SubscriptionStats) -> u64 {
+        let (acked_before, individually) = *stats.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        self.ml.entries_from(acked_before).saturating_sub(individually as u64)
+    }
+
+    /// Persists every cursor and closes the ledger (clean shutdown or unload).
+    pub(super) async fn close(&self) {
+        let subs: Vec<mpsc::UnboundedSender<SubCmd>> = self.subs.lock().await.drain().map(|(_, h)| h.tx).collect();
+        for tx in subs {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(SubCmd::Close { reply }).is_ok() {
+                let _ = rx.await;
+            }
+        }
+        self.ml.close().await;
+    }
+
+    /// Ends a non-durable subscription (a reader's) once its consumer left.
+    async fn drop_non_durable(&self, name: &str) {
+        let mut subs = self.subs.lock().await;
+        if subs.get(name).is_some_and(|h| !h.durable)
+            && let Some(h) = subs.remove(name)
+        {
+            let (reply, _rx) = oneshot::channel();
+            let _ = h.tx.send(SubCmd::Close { reply });
+        }
+    }
+}
+
+/// A producer attached to a topic. Dropping it frees its name.
+#[derive(Debug)]
+pub struct ProducerHandle {
+    pub(super) topic: Arc<Topic>,
+    pub(super) name: String,
+}
+
+impl ProducerHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn topic(&self) -> &TopicName {
+        &self.topic.name
+    }
+    pub fn max_message_bytes(&self) -> u32 {
+        self.topic.ctx.config.max_message_bytes.as_u64() as u32
+    }
+
+    /// Waits for room in the broker's publish memory, validates and queues the batch, and
+    /// returns the future of its durable position. Queue order is storage order.
+    pub async fn publish(
+        &self,
+        payload: Bytes,
+        num_messages: u32,
+    ) -> Result<impl Future<Output = Result<Position, ServiceError>> + Send + 'static, ServiceError> {
+        let max = self.max_message_bytes() as usize;
+        if payload.len() > max {
+            return Err(ServiceError::MessageTooLarge { size: payload.len(), max });
+        }
+        let permit = self.topic.ctx.reserve_publish_memory(payload.len()).await?;
+        self.topic.publish(payload, num_messages, permit).await
+    }
+}
+
+impl Drop for ProducerHandle {
+    fn drop(&mut self) {
+        self.topic.remove_producer(&self.name);
+    }
+}
+
+/// A consumer attached to a subscription. Call [`ConsumerHandle::close`] when its client goes
+/// away: what it had not acknowledged is redelivered to the others.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    topic: Arc<Topic>,
+    subscription: String,
+    subscription_type: SubscriptionType,
+    durable: bool,
+    id: ConsumerId,
+    tx: mpsc::UnboundedSender<SubCmd>,
+}
+
+impl ConsumerHandle {
+    pub fn topic(&self) -> &TopicName {
+        &self.topic.name
+    }
+
+    pub fn flow(&self, permits: u32) {
+        let _ = self.tx.send(SubCmd::Flow { id: self.id, permits });
+    }
+
+    /// Acknowledges entries; cumulative acknowledgement is refused on shared subscriptions.
+    pub fn ack(&self, positions: Vec<Position>, cumulative: bool) -> Result<(), ServiceError> {
+        if cumulative && matches!(self.subscription_type, SubscriptionType::Shared | SubscriptionType::KeyShared) {
+            return Err(ServiceError::BadRequest(format!(
+                "cumulative acknowledgement is not allowed on {} subscription {}",
+                self.subscription_type, self.subscription
+            )));
+        }
+        let _ = self.tx.send(SubCmd::Ack { positions, cumulative });
+        Ok(())
+    }
+
+    /// Asks for redelivery of these unacknowledged entries (all of this consumer's when empty).
+    pub fn redeliver(&self, positions: Vec<Position>) {
+        let _ = self.tx.send(SubCmd::Redeliver { id: self.id, positions });
+    }
+
+    /// Detaches the consumer.
+    pub async fn close(self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(SubCmd::Detach { id: self.id, reply }).is_ok() {
+            let remaining = rx.await.unwrap_or(0);
+            if remaining == 0 && !self.durable {
+                self.topic.drop_non_durable(&self.subscription).await;
+            }
+        }
+    }
+}

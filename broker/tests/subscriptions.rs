@@ -1,0 +1,331 @@
+//! Subscription semantics through the broker's service layer, on a real bookie and the embedded
+//! metadata store: delivery per subscription type, acknowledgements, redelivery, permits, and
+//! positions kept across a broker restart. No wire protocol involved (the CLI tests cover QUIC).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use magnetar_bookie::client::LedgerClient;
+use magnetar_bookie::config::BookieConfig;
+use magnetar_bookie::server::BookieServer;
+use magnetar_broker::BrokerConfig;
+use magnetar_broker::metrics::Metrics;
+use magnetar_broker::service::{BrokerService, ConsumerEvent, ConsumerHandle, ServiceError, SubscribeParams};
+use magnetar_common::batch::{self, BatchBuilder, Compression, Message};
+use magnetar_common::ids::Position;
+use magnetar_common::metadata::SharedStore;
+use magnetar_common::wire::{InitialPosition, SubscriptionType};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: SharedStore,
+    bookie: Option<BookieServer>,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("embedded:{}", dir.path().join("meta").display());
+        let store = magnetar_common::metadata::connect(&url).await.expect("store");
+        let cfg = BookieConfig {
+            bookie_id: "b1".into(),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metadata_url: url,
+            journal_dir: dir.path().join("journal"),
+            ledger_dir: dir.path().join("ledgers"),
+            ..BookieConfig::default()
+        };
+        let bookie = BookieServer::start_with_store(cfg, store.clone()).await.expect("bookie");
+        Env { dir, store, bookie: Some(bookie) }
+    }
+
+    async fn broker(&self) -> Arc<BrokerService> {
+        let mut cfg = BrokerConfig::default();
+        cfg.ledger.ensemble_size = 1;
+        cfg.ledger.write_quorum = 1;
+        cfg.ledger.ack_quorum = 1;
+        cfg.data_dir = self.dir.path().join("broker");
+        let ledgers = LedgerClient::new(self.store.clone(), cfg.ledger_client.clone()).await.expect("ledger client");
+        BrokerService::new(cfg, self.store.clone(), ledgers, Arc::new(Metrics::new()))
+    }
+
+    async fn stop(mut self) {
+        if let Some(b) = self.bookie.take() {
+            b.shutdown().await;
+        }
+    }
+}
+
+fn one(key: Option<&str>, payload: &str) -> Bytes {
+    let mut b = BatchBuilder::new();
+    b.push(&Message {
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..Default::default()
+    })
+    .expect("push");
+    b.finish(Compression::None, "test", 0, 0)
+}
+
+async fn produce(svc: &BrokerService, topic: &str, items: &[(Option<&str>, String)]) -> Vec<Position> {
+    let p = svc.create_producer(topic, "").await.expect("producer");
+    let mut pending = Vec::new();
+    for (key, payload) in items {
+        pending.push(p.publish(one(*key, payload), 1).await.expect("queue"));
+    }
+    let mut out = Vec::new();
+    for f in pending {
+        out.push(f.await.expect("stored"));
+    }
+    out
+}
+
+fn texts(n: usize, prefix: &str) -> Vec<(Option<&'static str>, String)> {
+    (0..n).map(|i| (None, format!("{prefix}{i}"))).collect()
+}
+
+fn params(sub: &str, t: SubscriptionType, name: &str) -> SubscribeParams {
+    SubscribeParams {
+        subscription: sub.into(),
+        subscription_type: t,
+        initial_position: InitialPosition::Earliest,
+        consumer_name: name.into(),
+        priority: 0,
+        durable: true,
+        start: None,
+    }
+}
+
+struct Received {
+    position: Position,
+    redelivery_count: u32,
+    payload: String,
+    key: Option<String>,
+}
+
+async fn next_message(events: &mut UnboundedReceiver<ConsumerEvent>) -> Received {
+    loop {
+        let ev = tokio::time::timeout(WAIT, events.recv()).await.expect("a message in time").expect("open");
+        if let ConsumerEvent::Message { position, redelivery_count, payload } = ev {
+            let (h, msgs) = batch::decode(payload).expect("batch");
+            return Received {
+                position,
+                redelivery_count,
+                payload: String::from_utf8(msgs[0].payload.to_vec()).expect("utf8"),
+                key: h.key.map(|k| String::from_utf8(k.to_vec()).expect("utf8")),
+            };
+        }
+    }
+}
+
+async fn next_active_change(events: &mut UnboundedReceiver<ConsumerEvent>) -> bool {
+    loop {
+        let ev = tokio::time::timeout(WAIT, events.recv()).await.expect("an event in time").expect("open");
+        if let ConsumerEvent::ActiveChange { active } = ev {
+            return active;
+        }
+    }
+}
+
+async fn subscribe(
+    svc: &BrokerService,
+    topic: &str,
+    p: SubscribeParams,
+    permits: u32,
+) -> (ConsumerHandle, UnboundedReceiver<ConsumerEvent>) {
+    let (h, ev) = svc.subscribe(topic, p).await.expect("subscribe");
+    h.flow(permits);
+    (h, ev)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_delivers_in_order_refuses_a_second_consumer_and_keeps_position_across_restart() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let sent = produce(&svc, "excl", &texts(10, "m")).await;
+    let (c, mut ev) = subscribe(&svc, "excl", params("s", SubscriptionType::Exclusive, "a"), 100).await;
+    match svc.subscribe("excl", params("s", SubscriptionType::Exclusive, "b")).await {
+        Err(ServiceError::ConsumerBusy(msg)) => assert!(msg.contains("exclusive"), "{msg}"),
+        other => panic!("second exclusive consumer: {:?}", other.map(|_| ())),
+    }
+    for (i, pos) in sent.iter().enumerate() {
+        let m = next_message(&mut ev).await;
+        assert_eq!((m.position, m.payload.as_str(), m.redelivery_count), (*pos, format!("m{i}").as_str(), 0));
+    }
+    // Acknowledge the first five cumulatively and the seventh individually.
+    c.ack(vec![sent[4]], true).expect("ack");
+    c.ack(vec![sent[6]], false).expect("ack");
+    c.close().await;
+    svc.shutdown().await;
+
+    let svc = env.broker().await;
+    let (_c, mut ev) = subscribe(&svc, "excl", params("s", SubscriptionType::Exclusive, "a"), 100).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_message(&mut ev).await.payload);
+    }
+    assert_eq!(got, ["m5", "m7", "m8", "m9"]);
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_spreads_messages_and_redelivers_a_departed_consumers_unacked_ones() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let (a, mut ev_a) = subscribe(&svc, "sh", params("s", SubscriptionType::Shared, "a"), 5).await;
+    let (b, mut ev_b) = subscribe(&svc, "sh", params("s", SubscriptionType::Shared, "b"), 5).await;
+    produce(&svc, "sh", &texts(10, "m")).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut a_got = Vec::new();
+    for _ in 0..5 {
+        let m = next_message(&mut ev_a).await;
+        seen.insert(m.payload.clone());
+        a_got.push(m);
+    }
+    for _ in 0..5 {
+        let m = next_message(&mut ev_b).await;
+        seen.insert(m.payload.clone());
+        b.ack(vec![m.position], false).expect("ack");
+    }
+    assert_eq!(seen.len(), 10, "every message went to exactly one consumer");
+    // a acknowledges two, then leaves: the other three go to b, marked as redelivered.
+    a.ack(vec![a_got[0].position, a_got[1].position], false).expect("ack");
+    assert!(
+        matches!(a.ack(vec![a_got[2].position], true), Err(ServiceError::BadRequest(_))),
+        "no cumulative ack on shared"
+    );
+    a.close().await;
+    b.flow(10);
+    let mut redelivered = Vec::new();
+    for _ in 0..3 {
+        let m = next_message(&mut ev_b).await;
+        assert_eq!(m.redelivery_count, 1);
+        redelivered.push(m.payload);
+    }
+    let expected: Vec<String> = a_got[2..].iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(redelivered, expected);
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_standby_takes_over_with_the_unacknowledged_messages() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let (a, mut ev_a) = subscribe(&svc, "fo", params("s", SubscriptionType::Failover, "a"), 100).await;
+    assert!(next_active_change(&mut ev_a).await, "first consumer is active");
+    let (_b, mut ev_b) = subscribe(&svc, "fo", params("s", SubscriptionType::Failover, "b"), 100).await;
+    assert!(!next_active_change(&mut ev_b).await, "second consumer stands by");
+    let sent = produce(&svc, "fo", &texts(6, "m")).await;
+    for i in 0..6 {
+        let m = next_message(&mut ev_a).await;
+        assert_eq!(m.payload, format!("m{i}"));
+    }
+    a.ack(vec![sent[2]], true).expect("cumulative ack");
+    a.close().await;
+    assert!(next_active_change(&mut ev_b).await, "standby becomes active");
+    for i in 3..6 {
+        let m = next_message(&mut ev_b).await;
+        assert_eq!(m.payload, format!("m{i}"), "in order, from the first unacknowledged");
+        assert_eq!(m.redelivery_count, 1);
+    }
+    produce(&svc, "fo", &texts(1, "n")).await;
+    assert_eq!(next_message(&mut ev_b).await.payload, "n0");
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_shared_keeps_each_key_on_one_consumer_in_order() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let (_a, mut ev_a) = subscribe(&svc, "ks", params("s", SubscriptionType::KeyShared, "a"), 1000).await;
+    let (_b, mut ev_b) = subscribe(&svc, "ks", params("s", SubscriptionType::KeyShared, "b"), 1000).await;
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let items: Vec<(Option<&str>, String)> =
+        (0..80).map(|i| (Some(keys[i % keys.len()]), format!("{}", i / keys.len()))).collect();
+    produce(&svc, "ks", &items).await;
+    let mut per_key: std::collections::HashMap<String, (usize, Vec<u32>)> = Default::default();
+    let mut total = 0;
+    while total < 80 {
+        let (who, m) = tokio::select! {
+            m = next_message(&mut ev_a) => (0, m),
+            m = next_message(&mut ev_b) => (1, m),
+        };
+        let key = m.key.clone().expect("keyed batch");
+        let entry = per_key.entry(key.clone()).or_insert((who, Vec::new()));
+        assert_eq!(entry.0, who, "key {key} went to both consumers");
+        entry.1.push(m.payload.parse().expect("number"));
+        total += 1;
+    }
+    let consumers: std::collections::HashSet<usize> = per_key.values().map(|(w, _)| *w).collect();
+    assert_eq!(consumers.len(), 2, "keys are spread over both consumers");
+    for (key, (_, seq)) in per_key {
+        assert_eq!(seq, (0..10).collect::<Vec<u32>>(), "order of {key}");
+    }
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_ack_redelivers_with_a_count_and_permits_bound_delivery() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let sent = produce(&svc, "nack", &texts(5, "m")).await;
+    let (c, mut ev) = subscribe(&svc, "nack", params("s", SubscriptionType::Shared, "a"), 2).await;
+    let first = next_message(&mut ev).await;
+    let second = next_message(&mut ev).await;
+    assert_eq!((first.payload.as_str(), second.payload.as_str()), ("m0", "m1"));
+    c.ack(vec![second.position], false).expect("ack");
+    c.redeliver(vec![first.position]);
+    c.flow(1);
+    let again = next_message(&mut ev).await;
+    assert_eq!((again.position, again.redelivery_count), (sent[0], 1), "the nacked one comes back first");
+    c.redeliver(vec![again.position]);
+    c.flow(1);
+    let third = next_message(&mut ev).await;
+    assert_eq!((third.position, third.redelivery_count), (sent[0], 2));
+    c.ack(vec![third.position], false).expect("ack");
+    c.flow(3);
+    for i in 2..5 {
+        assert_eq!(next_message(&mut ev).await.payload, format!("m{i}"));
+    }
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_starts_after_existing_messages_and_backlog_is_counted() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    produce(&svc, "lat", &texts(3, "old")).await;
+    let mut p = params("s", SubscriptionType::Exclusive, "a");
+    p.initial_position = InitialPosition::Latest;
+    let (c, mut ev) = subscribe(&svc, "lat", p, 100).await;
+    produce(&svc, "lat", &texts(2, "new")).await;
+    let m = next_message(&mut ev).await;
+    assert_eq!(m.payload, "new0");
+    c.ack(vec![m.position], false).expect("ack");
+    let topic = svc.topic("lat").await.expect("topic");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = topic.subscription_stats();
+        let backlog = topic.backlog(&stats[0].1);
+        if backlog == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "backlog stayed {backlog}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = svc.render_metrics();
+    assert!(metrics.contains("magnetar_broker_subscription_backlog_entries{topic=\"persistent://public/default/lat\",subscription=\"s\"} 1"), "{metrics}");
+    svc.shutdown().await;
+    env.stop().await;
+}

@@ -1,0 +1,101 @@
+//! `magnetar standalone`: the embedded metadata store, one bookie and one broker in one process,
+//! everything under one data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use magnetar_bookie::config::BookieConfig;
+use magnetar_bookie::server::BookieServer;
+use magnetar_broker::{Broker, BrokerConfig};
+use magnetar_common::config;
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// Directory for all data (metadata, journal, ledgers, TLS certificate).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Where clients connect (QUIC over UDP).
+    #[arg(long, default_value = "127.0.0.1:6650")]
+    quic_addr: SocketAddr,
+    /// Where /health and /metrics are served.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// Broker configuration file (TOML); `MAGNETAR_BROKER_*` variables override it. Addresses,
+    /// metadata store and quorums are set by standalone.
+    #[arg(long)]
+    broker_config: Option<PathBuf>,
+    /// Bookie configuration file (TOML); `MAGNETAR_BOOKIE_*` variables override it. Directories
+    /// and addresses are set by standalone.
+    #[arg(long)]
+    bookie_config: Option<PathBuf>,
+}
+
+pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create data directory {}", dir.display()))?;
+    let metadata_url = format!("embedded:{}", dir.join("metadata").display());
+    let store = magnetar_common::metadata::connect(&metadata_url).await.context("open the metadata store")?;
+
+    let mut bookie: BookieConfig = config::load(args.bookie_config.as_deref()).context("load bookie configuration")?;
+    bookie.bookie_id = "standalone-bookie".into();
+    bookie.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    bookie.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    bookie.advertised_addr = String::new();
+    bookie.metadata_url = metadata_url.clone();
+    bookie.journal_dir = dir.join("bookie/journal");
+    bookie.ledger_dir = dir.join("bookie/ledgers");
+    let bookie = BookieServer::start_with_store(bookie, store.clone()).await.context("start the bookie")?;
+
+    let mut broker: BrokerConfig = config::load(args.broker_config.as_deref()).context("load broker configuration")?;
+    broker.quic_addr = args.quic_addr;
+    broker.http_addr = args.http_addr;
+    broker.metadata_url = metadata_url;
+    broker.data_dir = dir.clone();
+    broker.ledger.ensemble_size = 1;
+    broker.ledger.write_quorum = 1;
+    broker.ledger.ack_quorum = 1;
+    let broker = match Broker::start(broker, store.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            bookie.shutdown().await;
+            return Err(e).context("start the broker");
+        }
+    };
+    let quic = broker.quic_addr();
+    if let Err(e) = publish_cert(broker.cert_file(), quic.port()) {
+        tracing::warn!(error = %e, "could not publish the certificate for local clients");
+    }
+    println!("Magnetar standalone is ready ({} ms)", started.elapsed().as_millis());
+    println!("  clients (QUIC/UDP): quic://{quic}");
+    println!("  HTTP (/health, /metrics): http://{}", broker.http_addr());
+    println!("  TLS certificate: {}", broker.cert_file().display());
+    println!("  data: {}", dir.display());
+    println!("Try: magnetar produce my-topic --messages hello -n 10");
+    crate::shutdown_signal().await;
+    println!("Shutting down: draining clients, persisting cursors, closing ledgers");
+    broker.shutdown().await;
+    bookie.shutdown().await;
+    println!("Stopped");
+    Ok(())
+}
+
+/// Where a local standalone leaves its certificate so that `magnetar produce`/`consume` on the
+/// same machine and user find it without `--tls-trust-cert`.
+pub fn local_cert_path(port: u16) -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("magnetar-{}", rustix::process::getuid().as_raw())));
+    base.join(format!("magnetar-standalone-{port}.pem"))
+}
+
+fn publish_cert(cert: &Path, port: u16) -> std::io::Result<()> {
+    let target = local_cert_path(port);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(cert, &target)?;
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! [`Consumer`]: receives a subscription's messages on its own stream.
+//!
+//! The consumer's state ([`state::ConsumerState`]: queue, permits, acknowledgements, nack
+//! timers) sits behind a mutex shared by the handle and one task. The task reads the stream,
+//! decodes entries (outside the lock) and queues their messages, and sends grouped
+//! acknowledgements and redelivery requests when they are due. Handle calls change the state and
+//! queue the frames it returns, under the lock, so frames leave in the order of the changes.
+//!
+//! Must never: wait for the broker while holding the lock, or lose a permit (every delivered
+//! message is eventually counted as taken).
+
+mod acks;
+pub(crate) mod state;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use magnetar_common::ids::{MessageId, Position};
+use magnetar_common::topic::validate_subscription_name;
+use magnetar_common::wire::{Frame, InitialPosition, PROTOCOL_VERSION, SubscribeRequest, SubscriptionType};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use self::state::{ConsumerConfig, ConsumerState, decode_entry};
+use crate::client::{Channel, check_short_string, check_topic, frame_name, random_hex, writer_stopped};
+use crate::transport::{FrameReader, Outbox};
+use crate::{Client, Error, ReceivedMessage};
+
+/// Largest receiver queue a consumer may ask for.
+pub const MAX_RECEIVER_QUEUE_SIZE: u32 = 1_000_000;
+
+/// Configures a [`Consumer`]; see [`Client::subscribe`].
+#[derive(Debug)]
+pub struct ConsumerBuilder {
+    client: Client,
+    topic: String,
+    subscription: String,
+    subscription_type: SubscriptionType,
+    initial_position: InitialPosition,
+    consumer_name: Option<String>,
+    priority: i32,
+    receiver_queue_size: u32,
+    nack_redelivery_delay: Duration,
+    ack_group_time: Duration,
+    // Set by readers only.
+    durable: bool,
+    start: Option<Position>,
+    reader: bool,
+    skip_before: Option<MessageId>,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(client: Client, topic: String, subscription: String) -> Self {
+        ConsumerBuilder {
+            client,
+            topic,
+            subscription,
+            subscription_type: SubscriptionType::Exclusive,
+            initial_position: InitialPosition::Latest,
+            consumer_name: None,
+            priority: 0,
+            receiver_queue_size: 1000,
+            nack_redelivery_delay: Duration::from_secs(1),
+            ack_group_time: Duration::from_millis(10),
+            durable: true,
+            start: None,
+            reader: false,
+            skip_before: None,
+        }
+    }
+
+    /// How the subscription's consumers share messages (default exclusive).
+    pub fn subscription_type(mut self, t: SubscriptionType) -> Self {
+        self.subscription_type = t;
+        self
+    }
+
+    /// Where a subscription that does not exist yet starts (default latest).
+    pub fn initial_position(mut self, p: InitialPosition) -> Self {
+        self.initial_position = p;
+        self
+    }
+
+    /// The consumer's name (default `consumer-` and random hex).
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.consumer_name = Some(name.into());
+        self
+    }
+
+    /// Failover priority: lower is preferred as the active consumer (default 0).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// How many messages the broker may send ahead of the application (default 1000).
+    pub fn receiver_queue_size(mut self, size: u32) -> Self {
+        self.receiver_queue_size = size;
+        self
+    }
+
+    /// How long after [`Consumer::nack`] the entry is redelivered (default 1 s).
+    pub fn nack_redelivery_delay(mut self, delay: Duration) -> Self {
+        self.nack_redelivery_delay = delay;
+        self
+    }
+
+    /// Longest an acknowledgement waits to be sent with others (default 10 ms; zero sends each
+    /// at once).
+    pub fn ack_group_time(mut self, time: Duration) -> Self {
+        self.ack_group_time = time;
+        self
+    }
+
+    pub(crate) fn into_reader(mut self, start: Option<MessageId>) -> Self {
+        self.durable = false;
+        self.reader = true;
+        self.subscription_type = SubscriptionType::Exclusive;
+        self.start = start.map(|id| id.position);
+        self.skip_before = start.filter(|id| id.batch_index > 0);
+        self
+    }
+
+    /// Attaches the consumer to the subscription (creating the subscription if needed).
+    pub async fn subscribe(self) -> Result<Consumer, Error> {
+        check_topic(&self.topic)?;
+        validate_subscription_name(&self.subscription)
+            .map_err(|e| Error::InvalidArgument(format!("invalid subscription name {:?}: {e}", self.subscription)))?;
+        if let Some(name) = &self.consumer_name {
+            check_short_string("consumer name", name)?;
+        }
+        if self.receiver_queue_size == 0 || self.receiver_queue_size > MAX_RECEIVER_QUEUE_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "receiver_queue_size is {}; it must be between 1 and {MAX_RECEIVER_QUEUE_SIZE}",
+                self.receiver_queue_size
+            )));
+        }
+        let consumer_name = self.consumer_name.clone().unwrap_or_else(|| format!("consumer-{}", random_hex()));
+        let request = Frame::Subscribe(SubscribeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            subscription_type: self.subscription_type,
+            initial_position: self.initial_position,
+            consumer_name: consumer_name.clone(),
+            priority: self.priority,
+            durable: self.durable,
+            start: self.start,
+        });
+        let (channel, answer) = self.client.open_channel(request, "subscribe").await?;
+        let topic = match answer {
+            Frame::SubscribeReady { topic } => topic,
+            other => return Err(Error::Protocol(format!("expected SubscribeReady, got {}", frame_name(&other)))),
+        };
+        debug!(%topic, subscription = %self.subscription, consumer = %consumer_name, "consumer ready");
+        let cfg = ConsumerConfig {
+            subscription_type: self.subscription_type,
+            receiver_queue_size: self.receiver_queue_size,
+            nack_redelivery_delay: self.nack_redelivery_delay,
+            ack_group_time: self.ack_group_time,
+            reader: self.reader,
+            skip_before: self.skip_before,
+        };
+        let state = ConsumerState::new(cfg, Arc::from(topic.as_str()));
+        let Channel { outbox, writer_task, reader } = channel;
+        outbox.send_all([state.initial_flow()]);
+        let shared = Arc::new(Shared { state: Mutex::new(state), messages: Notify::new(), timers: Notify::new(), outbox });
+        let task = tokio::spawn(run(shared.clone(), reader, writer_task, topic.clone(), consumer_name.clone()));
+        Ok(Consumer {
+            shared,
+            task,
+            topic,
+            subscription: self.subscription,
+            consumer_name,
+            subscription_type: self.subscription_type,
+            closed: false,
+            _client: self.client,
+        })
+    }
+}
+
+/// Receives the messages of one subscription. Methods take `&self`, so one consumer can be
+/// shared between tasks. Dropping it without [`Consumer::close`] still sends the gathered
+/// acknowledgements, in the background.
+#[derive(Debug)]
+pub struct Consumer {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+    topic: String,
+    subscription: String,
+    consumer_name: String,
+    subscription_type: SubscriptionType,
+    closed: bool,
+    _client: Client,
+}
+
+impl Consumer {
+    /// The next message. Once the stream has ended, the messages already received are returned
+    /// first, then the reason ([`Error::Closed`], or the broker's [`Error::Broker`]).
+    /// Cancel-safe: a message is taken only when this returns it.
+    pub async fn receive(&self) -> Result<ReceivedMessage, Error> {
+        loop {
+            let notified = self.shared.messages.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.shared.apply(|s, out| s.receive(std::time::Instant::now(), out)) {
+                return result;
+            }
+            notified.await;
+        }
+    }
+
+    /// Acknowledges one message. Its entry (batch) is acknowledged on the broker once every
+    /// message of it is; acknowledgements are sent in groups (see
+    /// [`ConsumerBuilder::ack_group_time`]).
+    pub fn ack(&self, id: &MessageId) -> Result<(), Error> {
+        self.shared.apply(|s, out| s.ack(id, std::time::Instant::now(), out))
+    }
+
+    /// Acknowledges every message up to and including `id`. Only on exclusive and failover
+    /// subscriptions.
+    pub fn ack_cumulative(&self, id: &MessageId) -> Result<(), Error> {
+        self.shared.apply(|s, out| s.ack_cumulative(id, std::time::Instant::now(), out))
+    }
+
+    /// Negatively acknowledges a message: its whole entry (batch) is delivered again after the
+    /// nack redelivery delay. A no-op for an entry already acknowledged or nacked.
+    pub fn nack(&self, id: &MessageId) -> Result<(), Error> {
+        self.shared.apply(|s, out| s.nack(id, std::time::Instant::now(), out))
+    }
+
+    /// Asks the broker to deliver again every message this consumer has not acknowledged.
+    /// Messages received but not yet taken by [`Consumer::receive`] are dropped: they come again.
+    pub fn redeliver_unacknowledged(&self) -> Result<(), Error> {
+        self.shared.apply(|s, out| s.redeliver_unacknowledged(out))
+    }
+
+    /// Whether this consumer receives messages: false for a failover consumer on standby
+    /// (until the broker makes it active), true for the other subscription types.
+    pub fn is_active(&self) -> bool {
+        self.shared.lock().is_active()
+    }
+
+    /// Sends the gathered acknowledgements and closes the consumer on the broker; what was not
+    /// acknowledged goes to the subscription's other consumers, or waits for the next one.
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.closed = true;
+        self.shared.apply(|s, out| s.close(out));
+        self.shared.messages.notify_waiters();
+        self.shared.outbox.finish().await
+    }
+
+    /// The full topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    pub fn consumer_name(&self) -> &str {
+        &self.consumer_name
+    }
+
+    pub fn subscription_type(&self) -> SubscriptionType {
+        self.subscription_type
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.shared.apply(|s, out| s.close(out));
+            self.shared.outbox.finish_later();
+        }
+        self.task.abort();
+    }
+}
+
+/// What the handle and the task share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<ConsumerState>,
+    /// Woken when messages arrive or the stream ends.
+    messages: Notify,
+    /// Woken when the state's next deadline may have moved earlier.
+    timers: Notify,
+    outbox: Outbox,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state and queues the frames it produced, under the lock.
+    fn apply<R>(&self, f: impl FnOnce(&mut ConsumerState, &mut Vec<Frame>) -> R) -> R {
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let before = state.next_deadline();
+        let result = f(&mut state, &mut out);
+        let after = state.next_deadline();
+        if !out.is_empty() {
+            // A stopped writer ends the stream; the task then records why.
+            self.outbox.send_all(out);
+        }
+        drop(state);
+        if after.is_some() && (before.is_none() || after < before) {
+            self.timers.notify_one();
+        }
+        result
+    }
+}
+
+/// The consumer's task: reads the stream and sends what timers make due.
+async fn run(
+    shared: Arc<Shared>,
+    mut reader: FrameReader,
+    mut writer_task: JoinHandle<Result<(), Error>>,
+    topic: String,
+    name: String,
+) {
+    let end = loop {
+        let deadline = shared.lock().next_deadline().map(Instant::from_std);
+        tokio::select! {
+            frame = reader.next() => match frame {
+                Ok(Some(Frame::Message { position, redelivery_count, payload })) => {
+                    let entry = decode_entry(payload);
+                    shared.apply(|s, out| s.on_message(position, redelivery_count, entry, std::time::Instant::now(), out));
+                    shared.messages.notify_waiters();
+                }
+                Ok(Some(Frame::ActiveConsumerChange { active })) => {
+                    debug!(%topic, consumer = %name, active, "active consumer change");
+                    shared.lock().set_active(active);
+                }
+                Ok(Some(Frame::Error { code, message })) => break Error::broker(code, message),
+                Ok(Some(other)) => {
+                    break Error::Protocol(format!("unexpected {} frame on a consumer stream", frame_name(&other)));
+                }
+                Ok(None) => break Error::Closed("the broker closed the consumer".into()),
+                Err(e) => break e,
+            },
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                shared.apply(|s, out| s.poll(std::time::Instant::now(), out));
+            }
+            _ = shared.timers.notified() => {}
+            joined = &mut writer_task => break writer_stopped(joined),
+        }
+    };
+    let mut state = shared.lock();
+    if state.has_ended() {
+        debug!(%topic, consumer = %name, error = %end, "consumer stream ended after close");
+    } else {
+        warn!(%topic, consumer = %name, error = %end, "consumer stream ended");
+        state.end(end);
+    }
+    drop(state);
+    shared.messages.notify_waiters();
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,622 @@
+//! The consumer's state machine: the queue of received messages, flow permits, grouped
+//! acknowledgements and delayed redelivery of negatively acknowledged entries. No I/O and no
+//! clock: the caller passes `now`, sends the frames it gets back, and calls [`ConsumerState::poll`]
+//! at [`ConsumerState::next_deadline`].
+//!
+//! Flow control: the consumer grants `receiver_queue_size` permits after subscribing; once the
+//! application has taken half that many messages since the last grant, it grants that many
+//! again. Permits count messages, so a batch of n takes n; messages dropped without reaching the
+//! application (already acknowledged, skipped by a reader, undecodable, cleared for redelivery)
+//! count as taken, or the permits they used would be lost.
+//!
+//! Acknowledgements are grouped: completed entries are sent at most `ack_group_time` after the
+//! first one, or at once when [`MAX_ACK_GROUP_POSITIONS`] have gathered, and on close.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use magnetar_common::batch::{self, BatchError, BatchHeader};
+use magnetar_common::ids::{MessageId, Position};
+use magnetar_common::wire::{Frame, MAX_POSITIONS_PER_FRAME, SubscriptionType};
+use tracing::error;
+
+use super::acks::AckTracker;
+use crate::{Error, ReceivedMessage};
+
+/// Most completed entries gathered before an acknowledgement is sent regardless of time.
+pub(crate) const MAX_ACK_GROUP_POSITIONS: usize = 1000;
+
+/// What a consumer was configured with.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerConfig {
+    pub subscription_type: SubscriptionType,
+    pub receiver_queue_size: u32,
+    pub nack_redelivery_delay: Duration,
+    pub ack_group_time: Duration,
+    /// A reader: acknowledges entries cumulatively itself once all their messages were returned.
+    pub reader: bool,
+    /// A reader starting at a message id skips the messages before it in its entry.
+    pub skip_before: Option<MessageId>,
+}
+
+/// A decoded entry, or why it could not be decoded and how many messages its header claims.
+pub(crate) type DecodedEntry = Result<(BatchHeader, Vec<batch::Message>), (u32, BatchError)>;
+
+/// Decodes a delivered entry (done outside any lock: it may decompress).
+pub(crate) fn decode_entry(payload: Bytes) -> DecodedEntry {
+    let claimed = batch::read_header(&payload).map(|h| h.num_messages).unwrap_or(1);
+    batch::decode(payload).map_err(|e| (claimed, e))
+}
+
+/// One consumer's client-side state.
+#[derive(Debug)]
+pub(crate) struct ConsumerState {
+    cfg: ConsumerConfig,
+    topic: Arc<str>,
+    queue: VecDeque<ReceivedMessage>,
+    /// Messages taken since the last permit grant.
+    taken: u32,
+    tracker: AckTracker,
+    pending_acks: Vec<Position>,
+    pending_cumulative: Option<Position>,
+    ack_deadline: Option<Instant>,
+    /// Negatively acknowledged entries and when to ask for their redelivery, in time order.
+    nacks: VecDeque<(Instant, Position)>,
+    active: bool,
+    /// Why the stream ended, once it has.
+    end: Option<Error>,
+}
+
+impl ConsumerState {
+    pub fn new(cfg: ConsumerConfig, topic: Arc<str>) -> Self {
+        // Failover consumers learn whether they are active from the broker.
+        let active = cfg.subscription_type != SubscriptionType::Failover;
+        ConsumerState {
+            cfg,
+            topic,
+            queue: VecDeque::new(),
+            taken: 0,
+            tracker: AckTracker::default(),
+            pending_acks: Vec::new(),
+            pending_cumulative: None,
+            ack_deadline: None,
+            nacks: VecDeque::new(),
+            active,
+            end: None,
+        }
+    }
+
+    /// The permits granted right after subscribing.
+    pub fn initial_flow(&self) -> Frame {
+        Frame::Flow { permits: self.cfg.receiver_queue_size }
+    }
+
+    fn flow_threshold(&self) -> u32 {
+        (self.cfg.receiver_queue_size / 2).max(1)
+    }
+
+    fn take(&mut self, n: u32, out: &mut Vec<Frame>) {
+        self.taken = self.taken.saturating_add(n);
+        if self.taken >= self.flow_threshold() {
+            out.push(Frame::Flow { permits: self.taken });
+            self.taken = 0;
+        }
+    }
+
+    /// An entry arrived: queues its messages that are still to be seen.
+    pub fn on_message(
+        &mut self,
+        position: Position,
+        redelivery_count: u32,
+        entry: DecodedEntry,
+        now: Instant,
+        out: &mut Vec<Frame>,
+    ) {
+        let (header, messages) = match entry {
+            Ok(decoded) => decoded,
+            Err((claimed, e)) => {
+                // Not acknowledged, so it stays in the subscription; its permits are returned.
+                error!(topic = %self.topic, %position, error = %e, "dropping an undecodable entry");
+                self.take(claimed, out);
+                return;
+            }
+        };
+        self.tracker.on_delivered(position, messages.len() as u32);
+        let producer_name: Arc<str> = Arc::from(header.producer_name.as_str());
+        let mut dropped = 0;
+        for (i, m) in messages.into_iter().enumerate() {
+            let id = MessageId { position, batch_index: i as u32 };
+            if let Some(start) = self.cfg.skip_before
+                && start.position == position
+                && id.batch_index < start.batch_index
+            {
+                dropped += 1;
+                self.reader_ack(&id, now, out);
+                continue;
+            }
+            if !self.tracker.is_unacked(&id) {
+                dropped += 1;
+                continue;
+            }
+            self.queue.push_back(ReceivedMessage {
+                id,
+                topic: self.topic.clone(),
+                key: m.key,
+                properties: m.properties,
+                event_time_ms: m.event_time_ms,
+                publish_time_ms: header.publish_time_ms,
+                producer_name: producer_name.clone(),
+                sequence_id: header.sequence_id + i as u64,
+                redelivery_count,
+                payload: m.payload,
+            });
+        }
+        if self.cfg.skip_before.is_some_and(|s| s.position == position) {
+            self.cfg.skip_before = None;
+        }
+        if dropped > 0 {
+            self.take(dropped, out);
+        }
+    }
+
+    /// The next message for the application: `None` to wait, an error once the stream has
+    /// ended and the queue is empty.
+    pub fn receive(&mut self, now: Instant, out: &mut Vec<Frame>) -> Option<Result<ReceivedMessage, Error>> {
+        let Some(m) = self.queue.pop_front() else { return self.end.clone().map(Err) };
+        self.take(1, out);
+        if self.cfg.reader {
+            self.reader_ack(&m.id, now, out);
+        }
+        Some(Ok(m))
+    }
+
+    /// A reader acknowledges each message it returns (or skips); a complete entry is
+    /// acknowledged cumulatively.
+    fn reader_ack(&mut self, id: &MessageId, now: Instant, out: &mut Vec<Frame>) {
+        if let Ok(true) = self.tracker.ack(id) {
+            self.pending_cumulative = self.pending_cumulative.max(Some(id.position));
+            self.arm_acks(now, out);
+        }
+    }
+
+    /// Acknowledges one message.
+    pub fn ack(&mut self, id: &MessageId, now: Instant, out: &mut Vec<Frame>) -> Result<(), Error> {
+        self.check_open()?;
+        if self.tracker.ack(id)? {
+            self.pending_acks.push(id.position);
+            self.arm_acks(now, out);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges every message up to and including `id` (exclusive and failover only).
+    pub fn ack_cumulative(&mut self, id: &MessageId, now: Instant, out: &mut Vec<Frame>) -> Result<(), Error> {
+        self.check_open()?;
+        match self.cfg.subscription_type {
+            SubscriptionType::Exclusive | SubscriptionType::Failover => {}
+            t => {
+                return Err(Error::InvalidArgument(format!(
+                    "ack_cumulative is not allowed on a {t} subscription (only exclusive and failover); use ack"
+                )));
+            }
+        }
+        if let Some(p) = self.tracker.ack_cumulative(id)? {
+            self.pending_cumulative = self.pending_cumulative.max(Some(p));
+            self.nacks.retain(|(_, n)| *n > p);
+            self.arm_acks(now, out);
+        }
+        Ok(())
+    }
+
+    /// Negatively acknowledges the entry of `id`: all its messages are delivered again after
+    /// the redelivery delay. Its messages still queued are dropped (they will come again).
+    pub fn nack(&mut self, id: &MessageId, now: Instant, out: &mut Vec<Frame>) -> Result<(), Error> {
+        self.check_open()?;
+        if !self.tracker.forget(&id.position) {
+            return Ok(());
+        }
+        let before = self.queue.len();
+        self.queue.retain(|m| m.id.position != id.position);
+        let dropped = (before - self.queue.len()) as u32;
+        if dropped > 0 {
+            self.take(dropped, out);
+        }
+        if self.cfg.nack_redelivery_delay.is_zero() {
+            out.push(Frame::Redeliver { positions: vec![id.position] });
+        } else {
+            self.nacks.push_back((now + self.cfg.nack_redelivery_delay, id.position));
+        }
+        Ok(())
+    }
+
+    /// Asks the broker to redeliver every unacknowledged message of this consumer. Pending
+    /// acknowledgements go first; queued messages are dropped (they come again).
+    pub fn redeliver_unacknowledged(&mut self, out: &mut Vec<Frame>) -> Result<(), Error> {
+        self.check_open()?;
+        self.flush_acks(out);
+        let dropped = self.queue.len() as u32;
+        self.queue.clear();
+        self.tracker.clear();
+        self.nacks.clear();
+        out.push(Frame::Redeliver { positions: Vec::new() });
+        if dropped > 0 {
+            self.take(dropped, out);
+        }
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        match &self.end {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn arm_acks(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        if self.pending_acks.len() >= MAX_ACK_GROUP_POSITIONS || self.cfg.ack_group_time.is_zero() {
+            self.flush_acks(out);
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + self.cfg.ack_group_time);
+        }
+    }
+
+    /// Sends the gathered acknowledgements: the cumulative one first, then the entries it does
+    /// not cover.
+    pub fn flush_acks(&mut self, out: &mut Vec<Frame>) {
+        self.ack_deadline = None;
+        if let Some(p) = self.pending_cumulative.take() {
+            out.push(Frame::Ack { cumulative: true, positions: vec![p] });
+            self.pending_acks.retain(|q| *q > p);
+        }
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let mut positions = std::mem::take(&mut self.pending_acks);
+        positions.sort_unstable();
+        positions.dedup();
+        for chunk in positions.chunks(MAX_POSITIONS_PER_FRAME) {
+            out.push(Frame::Ack { cumulative: false, positions: chunk.to_vec() });
+        }
+    }
+
+    /// When [`ConsumerState::poll`] has something to do next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let nack = self.nacks.front().map(|(t, _)| *t);
+        match (self.ack_deadline, nack) {
+            (Some(a), Some(n)) => Some(a.min(n)),
+            (a, n) => a.or(n),
+        }
+    }
+
+    /// Sends grouped acknowledgements and redelivery requests that are due.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        if self.ack_deadline.is_some_and(|d| d <= now) {
+            self.flush_acks(out);
+        }
+        let mut due = Vec::new();
+        while let Some((t, p)) = self.nacks.front().copied() {
+            if t > now {
+                break;
+            }
+            self.nacks.pop_front();
+            due.push(p);
+        }
+        for chunk in due.chunks(MAX_POSITIONS_PER_FRAME) {
+            out.push(Frame::Redeliver { positions: chunk.to_vec() });
+        }
+    }
+
+    /// The broker says whether this (failover) consumer is the active one.
+    pub fn set_active(&mut self, active: bool) {
+        self.active = active;
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The stream has ended: queued messages can still be received, then `error` is returned.
+    pub fn end(&mut self, error: Error) {
+        self.end.get_or_insert(error);
+    }
+
+    /// Whether the stream has ended or the consumer was closed.
+    pub fn has_ended(&self) -> bool {
+        self.end.is_some()
+    }
+
+    /// Closing: sends what is gathered and refuses everything after.
+    pub fn close(&mut self, out: &mut Vec<Frame>) {
+        self.flush_acks(out);
+        self.nacks.clear();
+        self.end.get_or_insert(Error::Closed("the consumer is closed".into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use magnetar_common::batch::{BatchBuilder, Compression};
+
+    use super::*;
+
+    fn cfg(t: SubscriptionType) -> ConsumerConfig {
+        ConsumerConfig {
+            subscription_type: t,
+            receiver_queue_size: 10,
+            nack_redelivery_delay: Duration::from_secs(1),
+            ack_group_time: Duration::from_millis(10),
+            reader: false,
+            skip_before: None,
+        }
+    }
+
+    fn entry(n: u32, first_seq: u64) -> DecodedEntry {
+        let mut b = BatchBuilder::new();
+        for i in 0..n {
+            b.push(&batch::Message { payload: Bytes::from(format!("m{i}")), ..Default::default() }).expect("push");
+        }
+        decode_entry(b.finish(Compression::None, "prod", first_seq, 77))
+    }
+
+    fn state(t: SubscriptionType) -> ConsumerState {
+        ConsumerState::new(cfg(t), Arc::from("persistent://public/default/t"))
+    }
+
+    fn deliver(s: &mut ConsumerState, entry_id: u64, n: u32, now: Instant, out: &mut Vec<Frame>) {
+        s.on_message(Position::new(1, entry_id), 0, entry(n, entry_id * 100), now, out);
+    }
+
+    fn receive_all(s: &mut ConsumerState, now: Instant, out: &mut Vec<Frame>) -> Vec<ReceivedMessage> {
+        std::iter::from_fn(|| s.receive(now, out).map(|r| r.expect("message"))).collect()
+    }
+
+    #[test]
+    fn messages_carry_their_batch_fields() {
+        let mut s = state(SubscriptionType::Exclusive);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        s.on_message(Position::new(3, 4), 2, entry(2, 10), now, &mut out);
+        let got = receive_all(&mut s, now, &mut out);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].id, MessageId::new(3, 4, 1));
+        assert_eq!(got[1].sequence_id, 11);
+        assert_eq!(got[1].redelivery_count, 2);
+        assert_eq!(got[1].publish_time_ms, 77);
+        assert_eq!(&*got[1].producer_name, "prod");
+        assert_eq!(&*got[1].topic, "persistent://public/default/t");
+        assert_eq!(got[1].payload, Bytes::from_static(b"m1"));
+    }
+
+    #[test]
+    fn permits_are_granted_again_after_half_the_queue() {
+        let mut s = state(SubscriptionType::Shared);
+        assert_eq!(s.initial_flow(), Frame::Flow { permits: 10 });
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 3, now, &mut out);
+        deliver(&mut s, 1, 4, now, &mut out);
+        assert!(out.is_empty(), "delivery alone grants nothing");
+        for _ in 0..4 {
+            s.receive(now, &mut out).expect("queued").expect("message");
+        }
+        assert!(out.is_empty(), "4 of 10 taken: below half");
+        s.receive(now, &mut out).expect("queued").expect("message");
+        assert_eq!(out, vec![Frame::Flow { permits: 5 }]);
+        out.clear();
+        receive_all(&mut s, now, &mut out);
+        assert!(out.is_empty(), "2 more taken: below half");
+        assert!(s.receive(now, &mut out).is_none(), "empty queue: wait");
+    }
+
+    #[test]
+    fn individual_acks_are_grouped_per_entry() {
+        let mut s = state(SubscriptionType::Shared);
+        let (t0, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 2, t0, &mut out);
+        deliver(&mut s, 1, 1, t0, &mut out);
+        let got = receive_all(&mut s, t0, &mut out);
+        out.clear();
+        s.ack(&got[0].id, t0, &mut out).expect("ack");
+        assert_eq!(s.next_deadline(), None, "half an entry: nothing to send");
+        s.ack(&got[2].id, t0, &mut out).expect("ack");
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(10)));
+        s.ack(&got[1].id, t0 + Duration::from_millis(2), &mut out).expect("ack");
+        assert!(out.is_empty(), "grouped until the deadline");
+        s.poll(t0 + Duration::from_millis(9), &mut out);
+        assert!(out.is_empty());
+        s.poll(t0 + Duration::from_millis(10), &mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0), Position::new(1, 1)] }]);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_full_group_is_sent_at_once() {
+        let mut s = state(SubscriptionType::Shared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        for e in 0..MAX_ACK_GROUP_POSITIONS as u64 {
+            deliver(&mut s, e, 1, now, &mut out);
+            let m = s.receive(now, &mut out).expect("queued").expect("message");
+            s.ack(&m.id, now, &mut out).expect("ack");
+        }
+        let acks: Vec<_> = out.iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
+        assert_eq!(acks.len(), 1);
+        let Frame::Ack { positions, .. } = acks[0] else { panic!("ack") };
+        assert_eq!(positions.len(), MAX_ACK_GROUP_POSITIONS);
+    }
+
+    #[test]
+    fn cumulative_acks_follow_the_subscription_type() {
+        let mut s = state(SubscriptionType::KeyShared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 1, now, &mut out);
+        let m = s.receive(now, &mut out).expect("queued").expect("message");
+        let err = s.ack_cumulative(&m.id, now, &mut out).expect_err("key_shared");
+        assert!(err.to_string().contains("key_shared subscription"), "{err}");
+
+        let mut s = state(SubscriptionType::Failover);
+        out.clear();
+        for e in 0..3 {
+            deliver(&mut s, e, 2, now, &mut out);
+        }
+        let got = receive_all(&mut s, now, &mut out);
+        out.clear();
+        s.ack(&got[5].id, now, &mut out).expect("ack"); // entry 2, index 1: not complete alone
+        s.ack_cumulative(&got[3].id, now, &mut out).expect("cumulative"); // entry 1, complete
+        s.flush_acks(&mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: true, positions: vec![Position::new(1, 1)] }]);
+        out.clear();
+        s.ack(&got[4].id, now, &mut out).expect("ack"); // completes entry 2
+        s.flush_acks(&mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 2)] }]);
+    }
+
+    #[test]
+    fn cumulative_ack_inside_a_batch_sends_the_previous_entry() {
+        let mut s = state(SubscriptionType::Exclusive);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 2, now, &mut out);
+        deliver(&mut s, 1, 3, now, &mut out);
+        let got = receive_all(&mut s, now, &mut out);
+        out.clear();
+        s.ack_cumulative(&got[3].id, now, &mut out).expect("cumulative"); // entry 1, index 1 of 3
+        s.flush_acks(&mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: true, positions: vec![Position::new(1, 0)] }]);
+    }
+
+    #[test]
+    fn nack_redelivers_the_entry_after_the_delay_and_drops_its_queued_messages() {
+        let mut s = state(SubscriptionType::Shared);
+        let (t0, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 3, t0, &mut out);
+        deliver(&mut s, 1, 1, t0, &mut out);
+        let first = s.receive(t0, &mut out).expect("queued").expect("message");
+        s.nack(&first.id, t0, &mut out).expect("nack");
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        let rest = receive_all(&mut s, t0, &mut out);
+        assert_eq!(rest.iter().map(|m| m.id).collect::<Vec<_>>(), vec![MessageId::new(1, 1, 0)]);
+        // Acks of the nacked entry's other messages do nothing: it will come again.
+        s.ack(&MessageId::new(1, 0, 1), t0, &mut out).expect("ack");
+        s.ack(&MessageId::new(1, 0, 2), t0, &mut out).expect("ack");
+        s.flush_acks(&mut out);
+        assert!(!out.iter().any(|f| matches!(f, Frame::Ack { .. })), "{out:?}");
+        out.clear();
+        s.poll(t0 + Duration::from_millis(999), &mut out);
+        assert!(out.is_empty());
+        s.poll(t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(out, vec![Frame::Redeliver { positions: vec![Position::new(1, 0)] }]);
+        // It comes again, whole.
+        out.clear();
+        s.on_message(Position::new(1, 0), 1, entry(3, 0), t0, &mut out);
+        let again = receive_all(&mut s, t0, &mut out);
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().all(|m| m.redelivery_count == 1));
+    }
+
+    #[test]
+    fn dropped_messages_still_count_as_taken_permits() {
+        let mut s = state(SubscriptionType::Shared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 6, now, &mut out);
+        let m = s.receive(now, &mut out).expect("queued").expect("message");
+        s.nack(&m.id, now, &mut out).expect("nack");
+        // 1 received + 5 dropped = 6 >= 5.
+        assert_eq!(out, vec![Frame::Flow { permits: 6 }]);
+        out.clear();
+        s.on_message(Position::new(1, 9), 0, Err((7, BatchError::Malformed("x"))), now, &mut out);
+        assert_eq!(out, vec![Frame::Flow { permits: 7 }]);
+    }
+
+    #[test]
+    fn redeliver_unacknowledged_sends_acks_first_and_clears_the_queue() {
+        let mut s = state(SubscriptionType::Shared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 1, now, &mut out);
+        deliver(&mut s, 1, 1, now, &mut out);
+        deliver(&mut s, 2, 1, now, &mut out);
+        let m = s.receive(now, &mut out).expect("queued").expect("message");
+        s.ack(&m.id, now, &mut out).expect("ack");
+        s.redeliver_unacknowledged(&mut out).expect("redeliver");
+        assert_eq!(
+            out,
+            vec![
+                Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] },
+                Frame::Redeliver { positions: vec![] },
+            ]
+        );
+        assert!(s.receive(now, &mut out).is_none(), "queue cleared");
+        out.clear();
+        deliver(&mut s, 3, 2, now, &mut out);
+        receive_all(&mut s, now, &mut out);
+        // 1 received + 2 cleared + 2 received = 5.
+        assert_eq!(out, vec![Frame::Flow { permits: 5 }]);
+    }
+
+    #[test]
+    fn already_acked_messages_of_a_redelivered_entry_are_not_delivered_again() {
+        let mut s = state(SubscriptionType::Shared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 3, now, &mut out);
+        let got = receive_all(&mut s, now, &mut out);
+        s.ack(&got[1].id, now, &mut out).expect("ack");
+        deliver(&mut s, 0, 3, now, &mut out);
+        let again = receive_all(&mut s, now, &mut out);
+        assert_eq!(again.iter().map(|m| m.id.batch_index).collect::<Vec<_>>(), vec![0, 2]);
+    }
+
+    #[test]
+    fn a_reader_skips_to_its_start_and_acks_cumulatively() {
+        let mut c = cfg(SubscriptionType::Exclusive);
+        c.reader = true;
+        c.skip_before = Some(MessageId::new(1, 5, 2));
+        let mut s = ConsumerState::new(c, Arc::from("t"));
+        let (t0, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 5, 4, t0, &mut out);
+        deliver(&mut s, 6, 2, t0, &mut out);
+        let got = receive_all(&mut s, t0, &mut out);
+        assert_eq!(
+            got.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![MessageId::new(1, 5, 2), MessageId::new(1, 5, 3), MessageId::new(1, 6, 0), MessageId::new(1, 6, 1)]
+        );
+        assert_eq!(out, vec![Frame::Flow { permits: 5 }], "2 skipped + 3 returned reach half the queue");
+        out.clear();
+        s.poll(t0 + Duration::from_millis(10), &mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: true, positions: vec![Position::new(1, 6)] }]);
+        // Later arrivals of the start entry's position are not filtered again.
+        out.clear();
+        deliver(&mut s, 5, 4, t0, &mut out);
+        assert_eq!(receive_all(&mut s, t0, &mut out).len(), 4);
+    }
+
+    #[test]
+    fn after_the_end_queued_messages_come_first_then_the_error() {
+        let mut s = state(SubscriptionType::Exclusive);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 1, now, &mut out);
+        s.end(Error::Closed("the broker closed the consumer".into()));
+        assert!(s.receive(now, &mut out).expect("queued").is_ok());
+        let err = s.receive(now, &mut out).expect("ended").expect_err("end");
+        assert_eq!(err, Error::Closed("the broker closed the consumer".into()));
+        assert!(s.ack(&MessageId::new(1, 0, 0), now, &mut out).is_err());
+    }
+
+    #[test]
+    fn failover_consumers_start_inactive() {
+        let mut s = state(SubscriptionType::Failover);
+        assert!(!s.is_active());
+        s.set_active(true);
+        assert!(s.is_active());
+        assert!(state(SubscriptionType::Exclusive).is_active());
+    }
+
+    #[test]
+    fn close_flushes_acks_and_refuses_more() {
+        let mut s = state(SubscriptionType::Shared);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        deliver(&mut s, 0, 1, now, &mut out);
+        let m = s.receive(now, &mut out).expect("queued").expect("message");
+        s.ack(&m.id, now, &mut out).expect("ack");
+        s.close(&mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] }]);
+        assert!(matches!(s.ack(&m.id, now, &mut out), Err(Error::Closed(_))));
+    }
+}
