@@ -181,6 +181,10 @@ pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .subscribe()
         .await
         .with_context(|| format!("subscribe {} to {}", args.subscription, args.topic))?;
+    eprintln!(
+        "subscribed {} to {} ({}; a new subscription starts at the {:?} message); waiting for messages",
+        args.subscription, args.topic, args.subscription_type, args.position
+    );
     let mut out = tokio::io::stdout();
     let mut consumed = 0u64;
     while args.num_messages == 0 || consumed < args.num_messages {

@@ -188,3 +188,109 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// A `magnetar standalone` child process on ephemeral ports.
+#[derive(Debug)]
+pub struct StandaloneProc {
+    pub dir: PathBuf,
+    pub url: String,
+    pub http: String,
+    pub cert: PathBuf,
+    child: Option<Child>,
+}
+
+impl StandaloneProc {
+    pub fn start(dir: &Path) -> Self {
+        let mut s =
+            Self { dir: dir.into(), url: String::new(), http: String::new(), cert: PathBuf::new(), child: None };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).expect("mkdir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("standalone.log"))
+            .expect("log file");
+        let mut child = Command::new(magnetar())
+            .args(["standalone", "--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&self.dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn magnetar standalone");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let value = line.rsplit(' ').next().unwrap_or_default().to_string();
+                    if line.contains("clients (QUIC/UDP):") {
+                        self.url = value;
+                    } else if line.contains("HTTP (/health, /metrics):") {
+                        self.http = value.trim_start_matches("http://").to_string();
+                    } else if line.contains("TLS certificate:") {
+                        self.cert = PathBuf::from(value);
+                    } else if line.starts_with("Try:") {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("standalone did not start; log:\n{}", self.log());
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("standalone.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// SIGINT (Ctrl-C) and wait for a clean exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let c = self.child.take().expect("running");
+        let pid = c.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+        wait_exit(c)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+
+    /// A `magnetar` client command against this standalone (URL and certificate given).
+    pub fn client_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(magnetar());
+        c.args(args).arg("--url").arg(&self.url).arg("--tls-trust-cert").arg(&self.cert);
+        c
+    }
+}
+
+impl Drop for StandaloneProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
