@@ -14,6 +14,12 @@ pub struct PerfArgs {
 pub enum PerfCommand {
     /// Add entries straight to one bookie over its protocol (storage-tier benchmark).
     Bookie(crate::bookie_perf::BookiePerfArgs),
+    /// Publish messages to a broker and measure acknowledged throughput and publish latency.
+    Produce(crate::client_perf::ProducePerfArgs),
+    /// Consume (and acknowledge) messages from a broker; checks per-producer order.
+    Consume(crate::client_perf::ConsumePerfArgs),
+    /// Produce and consume at once; measures end-to-end latency and checks what arrived.
+    E2e(crate::client_perf::E2ePerfArgs),
 }
 
 /// Writes a JSON summary when asked to.
@@ -28,5 +34,8 @@ pub fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> anyh
 pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     match args.command {
         PerfCommand::Bookie(a) => crate::bookie_perf::run(a).await,
+        PerfCommand::Produce(a) => crate::client_perf::produce(a).await,
+        PerfCommand::Consume(a) => crate::client_perf::consume(a).await,
+        PerfCommand::E2e(a) => crate::client_perf::e2e(a).await,
     }
 }

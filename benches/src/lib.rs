@@ -2,4 +2,6 @@
 
 pub mod bookie_perf;
 pub mod cli;
+pub mod client_perf;
+pub mod connect;
 pub mod stats;

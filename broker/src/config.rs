@@ -151,8 +151,9 @@ impl Default for LimitsConfig {
     }
 }
 
-/// The largest `max_message_bytes` a configuration may set (a bookie entry holds it).
-pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 32 * 1024 * 1024;
+/// The largest `max_message_bytes` a configuration may set: clients accept frames of up to
+/// 8 MiB plus headers.
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
 
 fn fail<T>(msg: String) -> Result<T, ConfigError> {
     Err(ConfigError(msg))
@@ -170,7 +171,7 @@ impl RoleConfig for BrokerConfig {
         }
         let max = self.max_message_bytes.as_u64();
         if !(1024..=MAX_MESSAGE_BYTES_LIMIT).contains(&max) {
-            return fail(format!("max_message_bytes is {max}; it must be between 1 KiB and 32 MiB"));
+            return fail(format!("max_message_bytes is {max}; it must be between 1 KiB and 8 MiB"));
         }
         let l = &self.ledger;
         if !(l.ensemble_size >= l.write_quorum && l.write_quorum >= l.ack_quorum && l.ack_quorum >= 1) {

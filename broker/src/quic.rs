@@ -389,7 +389,9 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
             Ok(Frame::Flow { permits }) => handle.flow(permits),
             Ok(Frame::Ack { cumulative, positions }) => {
                 if let Err(e) = handle.ack(positions, cumulative) {
+                    // An error frame ends the stream (protocol rule).
                     let _ = errors_tx.send(Frame::Error { code: e.code(), message: e.to_string() });
+                    break;
                 }
             }
             Ok(Frame::Redeliver { positions }) => handle.redeliver(positions),

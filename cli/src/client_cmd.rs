@@ -1,55 +1,12 @@
 //! `magnetar produce` and `magnetar consume`: the client library from the command line.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use magnetar_client::{Client, Compression, InitialPosition, OutgoingMessage, SubscriptionType};
+use magnetar_benches::connect::ConnectArgs;
+use magnetar_client::{Compression, InitialPosition, OutgoingMessage, SubscriptionType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-
-/// How to reach the broker.
-#[derive(Debug, Args)]
-pub struct ConnectArgs {
-    /// Broker URL.
-    #[arg(long, default_value = "quic://127.0.0.1:6650", env = "MAGNETAR_URL")]
-    url: String,
-    /// PEM certificate to trust for the broker's TLS. For a local standalone it is found
-    /// without this flag.
-    #[arg(long, value_name = "FILE", env = "MAGNETAR_TLS_TRUST_CERT")]
-    tls_trust_cert: Option<PathBuf>,
-}
-
-impl ConnectArgs {
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let cert = match &self.tls_trust_cert {
-            Some(c) => c.clone(),
-            None => find_local_cert(&self.url)
-                .with_context(|| format!("no certificate to trust for {}: pass --tls-trust-cert FILE", self.url))?,
-        };
-        Client::builder(&self.url)
-            .tls_trust_cert(cert)
-            .build()
-            .await
-            .with_context(|| format!("connect to {}", self.url))
-    }
-}
-
-/// For a broker on this machine: the certificate a local standalone published, or the one in
-/// `./data/tls` (standalone's default data directory).
-fn find_local_cert(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("quic://")?;
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.trim_end_matches('/').parse::<u16>().ok()?),
-        None => (rest.trim_end_matches('/'), 6650),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !local {
-        return None;
-    }
-    [crate::standalone::local_cert_path(port), PathBuf::from("data/tls/cert.pem")].into_iter().find(|p| p.is_file())
-}
 
 #[derive(Debug, Args)]
 pub struct ProduceArgs {

@@ -82,17 +82,8 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a local standalone leaves its certificate so that `magnetar produce`/`consume` on the
-/// same machine and user find it without `--tls-trust-cert`.
-pub fn local_cert_path(port: u16) -> PathBuf {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("magnetar-{}", rustix::process::getuid().as_raw())));
-    base.join(format!("magnetar-standalone-{port}.pem"))
-}
-
 fn publish_cert(cert: &Path, port: u16) -> std::io::Result<()> {
-    let target = local_cert_path(port);
+    let target = config::local_standalone_cert_path(port);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -206,10 +206,7 @@ pub(crate) fn writer_stopped(joined: Result<Result<(), Error>, tokio::task::Join
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A random lowercase hex string of 16 characters.
@@ -226,7 +223,10 @@ mod tests {
         let err = Client::builder("http://localhost:6650").build().await.expect_err("scheme");
         assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("quic://")), "{err:?}");
         let err = Client::builder("quic://127.0.0.1:6650").build().await.expect_err("no cert");
-        assert!(matches!(&err, Error::Tls(m) if m.contains("no trusted certificate: pass --tls-trust-cert")), "{err:?}");
+        assert!(
+            matches!(&err, Error::Tls(m) if m.contains("no trusted certificate: pass --tls-trust-cert")),
+            "{err:?}"
+        );
         let err = Client::builder("quic://127.0.0.1:6650")
             .tls_trust_cert("/nonexistent/cert.pem")
             .build()

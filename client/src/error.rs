@@ -20,7 +20,9 @@ pub enum Error {
     Broker { code: ErrorCode, message: String },
     /// A message does not fit in one batch of at most the broker's `max_message_bytes`.
     /// `size` counts the payload plus its key, properties and the batch header.
-    #[error("message of {size} bytes (with key, properties and batch header) exceeds the broker's limit of {max} bytes")]
+    #[error(
+        "message of {size} bytes (with key, properties and batch header) exceeds the broker's limit of {max} bytes"
+    )]
     MessageTooLarge { size: usize, max: usize },
     /// An operation did not finish within its timeout; names the operation.
     #[error("timed out: {0}")]

@@ -39,7 +39,10 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// One connection to a broker; cheap to share behind the client's `Arc`.
 #[derive(Debug)]
 pub(crate) enum Connection {
-    Quic { endpoint: quinn::Endpoint, conn: quinn::Connection },
+    Quic {
+        endpoint: quinn::Endpoint,
+        conn: quinn::Connection,
+    },
     /// Streams go to a test playing the broker.
     #[cfg(test)]
     Memory(mpsc::UnboundedSender<(FrameWriter, FrameReader)>),
@@ -141,9 +144,7 @@ fn client_tls_config(path: &Path) -> Result<rustls::ClientConfig, Error> {
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert =
             cert.map_err(|e| Error::Tls(format!("read the trusted certificate file {}: {e}", path.display())))?;
-        roots
-            .add(cert)
-            .map_err(|e| Error::Tls(format!("unusable certificate in {}: {e}", path.display())))?;
+        roots.add(cert).map_err(|e| Error::Tls(format!("unusable certificate in {}: {e}", path.display())))?;
     }
     if roots.is_empty() {
         return Err(Error::Tls(format!(
@@ -169,16 +170,11 @@ fn handshake_error(e: &quinn::ConnectionError, addr: SocketAddr, server_name: &s
             tls_failure(u64::from(te.code) as u8, &te.reason, server_name, false)
         }
         quinn::ConnectionError::ConnectionClosed(close) if crypto(close.error_code.into()) => {
-            tls_failure(
-                u64::from(close.error_code) as u8,
-                &String::from_utf8_lossy(&close.reason),
-                server_name,
-                true,
-            )
+            tls_failure(u64::from(close.error_code) as u8, &String::from_utf8_lossy(&close.reason), server_name, true)
         }
-        quinn::ConnectionError::TimedOut => Error::Connect(format!(
-            "no answer from {addr}: is a broker listening there (QUIC over UDP)?"
-        )),
+        quinn::ConnectionError::TimedOut => {
+            Error::Connect(format!("no answer from {addr}: is a broker listening there (QUIC over UDP)?"))
+        }
         e => Error::Connect(format!("connect to {addr}: {e}")),
     }
 }
@@ -334,7 +330,9 @@ impl FrameReader {
                 }
                 Ok(None) => Ok(false),
                 Err(quinn::ReadError::ConnectionLost(e)) => Err(connection_lost(&e)),
-                Err(quinn::ReadError::Reset(code)) => Err(Error::Closed(format!("the broker reset the stream (code {code})"))),
+                Err(quinn::ReadError::Reset(code)) => {
+                    Err(Error::Closed(format!("the broker reset the stream (code {code})")))
+                }
                 Err(e) => Err(Error::Closed(format!("read from the broker: {e}"))),
             },
             #[cfg(test)]
@@ -386,7 +384,10 @@ impl Outbox {
 /// Starts the task that writes a stream's frames, coalescing what is queued into one write.
 /// It ends after a finish request, when every [`Outbox`] is dropped (finishing the stream), or
 /// at the first write error, which its join handle returns.
-pub(crate) fn spawn_writer(mut writer: FrameWriter, finish_timeout: Duration) -> (Outbox, JoinHandle<Result<(), Error>>) {
+pub(crate) fn spawn_writer(
+    mut writer: FrameWriter,
+    finish_timeout: Duration,
+) -> (Outbox, JoinHandle<Result<(), Error>>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let task = tokio::spawn(async move {
         let mut frames = Vec::new();

@@ -55,3 +55,13 @@ pub fn from_toml<T: RoleConfig>(text: &str) -> Result<T, ConfigError> {
     config.validate()?;
     Ok(config)
 }
+
+/// Where a `magnetar standalone` on this machine publishes its TLS certificate for the QUIC port
+/// `port`, so local clients of the same user trust it without being told:
+/// `$XDG_RUNTIME_DIR/magnetar-standalone-PORT.pem`, else `$TMPDIR/magnetar-UID/...`.
+pub fn local_standalone_cert_path(port: u16) -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("magnetar-{}", rustix::process::getuid().as_raw())));
+    base.join(format!("magnetar-standalone-{port}.pem"))
+}

@@ -166,7 +166,8 @@ impl ConsumerBuilder {
         let state = ConsumerState::new(cfg, Arc::from(topic.as_str()));
         let Channel { outbox, writer_task, reader } = channel;
         outbox.send_all([state.initial_flow()]);
-        let shared = Arc::new(Shared { state: Mutex::new(state), messages: Notify::new(), timers: Notify::new(), outbox });
+        let shared =
+            Arc::new(Shared { state: Mutex::new(state), messages: Notify::new(), timers: Notify::new(), outbox });
         let task = tokio::spawn(run(shared.clone(), reader, writer_task, topic.clone(), consumer_name.clone()));
         Ok(Consumer {
             shared,

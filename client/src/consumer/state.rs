@@ -425,7 +425,10 @@ mod tests {
         s.poll(t0 + Duration::from_millis(9), &mut out);
         assert!(out.is_empty());
         s.poll(t0 + Duration::from_millis(10), &mut out);
-        assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0), Position::new(1, 1)] }]);
+        assert_eq!(
+            out,
+            vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0), Position::new(1, 1)] }]
+        );
         assert_eq!(s.next_deadline(), None);
     }
 

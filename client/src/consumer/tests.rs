@@ -206,7 +206,10 @@ async fn subscribe_reports_the_broker_refusal() {
             .await;
     };
     let (c, ()) = tokio::join!(client.subscribe("t", "sub").subscribe(), broker);
-    assert_eq!(c.expect_err("refused"), Error::broker(ErrorCode::ConsumerBusy, "exclusive subscription has a consumer"));
+    assert_eq!(
+        c.expect_err("refused"),
+        Error::broker(ErrorCode::ConsumerBusy, "exclusive subscription has a consumer")
+    );
 }
 
 #[tokio::test]

@@ -249,7 +249,12 @@ impl<W> ProducerState<W> {
     }
 
     /// The broker did not store the batch `sequence_id`: its waiters and the error for them.
-    pub fn on_send_error(&mut self, sequence_id: u64, code: ErrorCode, message: &str) -> Result<(Vec<W>, Error), Error> {
+    pub fn on_send_error(
+        &mut self,
+        sequence_id: u64,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(Vec<W>, Error), Error> {
         let Some(i) = self.in_flight.iter().position(|f| f.sequence_id == sequence_id) else {
             return Err(Error::Protocol(format!(
                 "send error for sequence id {sequence_id}, which is not waiting for a receipt"
@@ -339,11 +344,7 @@ mod tests {
         s.flush(1, &mut out);
         assert_eq!(
             sends(&out),
-            vec![
-                (0, 2, Some(Bytes::from_static(b"a"))),
-                (2, 1, Some(Bytes::from_static(b"b"))),
-                (3, 2, None)
-            ]
+            vec![(0, 2, Some(Bytes::from_static(b"a"))), (2, 1, Some(Bytes::from_static(b"b"))), (3, 2, None)]
         );
     }
 

@@ -121,7 +121,8 @@ impl ProducerBuilder {
             }
         };
         debug!(%topic, producer = %name, max_message_bytes, "producer ready");
-        let shared = Arc::new(Shared { error: Mutex::new(None), permits: Arc::new(Semaphore::new(self.max_pending_messages)) });
+        let shared =
+            Arc::new(Shared { error: Mutex::new(None), permits: Arc::new(Semaphore::new(self.max_pending_messages)) });
         let (commands, rx) = mpsc::unbounded_channel();
         let task = Task {
             state: ProducerState::new(name.clone(), self.policy, max_message_bytes),
@@ -234,7 +235,9 @@ impl Future for SendReceipt {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| Err(Error::Closed("the producer stopped before the message's outcome was known".into())))
+            r.unwrap_or_else(|_| {
+                Err(Error::Closed("the producer stopped before the message's outcome was known".into()))
+            })
         })
     }
 }

@@ -1,0 +1,52 @@
+//! How load tools and CLI commands reach a broker: `--url` and the certificate to trust.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use magnetar_client::Client;
+
+/// How to reach the broker.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Broker URL.
+    #[arg(long, default_value = "quic://127.0.0.1:6650", env = "MAGNETAR_URL")]
+    pub url: String,
+    /// PEM certificate to trust for the broker's TLS. For a local standalone it is found
+    /// without this flag.
+    #[arg(long, value_name = "FILE", env = "MAGNETAR_TLS_TRUST_CERT")]
+    pub tls_trust_cert: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let cert = match &self.tls_trust_cert {
+            Some(c) => c.clone(),
+            None => find_local_cert(&self.url)
+                .with_context(|| format!("no certificate to trust for {}: pass --tls-trust-cert FILE", self.url))?,
+        };
+        Client::builder(&self.url)
+            .tls_trust_cert(cert)
+            .build()
+            .await
+            .with_context(|| format!("connect to {}", self.url))
+    }
+}
+
+/// For a broker on this machine: the certificate a local standalone published, or the one in
+/// `./data/tls` (standalone's default data directory).
+fn find_local_cert(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("quic://")?;
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.trim_end_matches('/').parse::<u16>().ok()?),
+        None => (rest.trim_end_matches('/'), 6650),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !local {
+        return None;
+    }
+    [magnetar_common::config::local_standalone_cert_path(port), PathBuf::from("data/tls/cert.pem")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
