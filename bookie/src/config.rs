@@ -99,7 +99,8 @@ impl Default for BookieConfig {
             registration_ttl: Duration::from_secs(10),
             journal_dir: PathBuf::from("data/bookie/journal"),
             ledger_dir: PathBuf::from("data/bookie/ledgers"),
-            max_entry_bytes: ByteSize::mib(5),
+            // Above the broker's default max_message_bytes (5 MiB) plus the entry header.
+            max_entry_bytes: ByteSize::mib(6),
             journal: JournalConfig::default(),
             storage: StorageConfig::default(),
             disk: DiskConfig::default(),

@@ -329,3 +329,30 @@ async fn latest_starts_after_existing_messages_and_backlog_is_counted() {
     svc.shutdown().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_batches_are_refused_by_the_broker() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let p = svc.create_producer("bad", "").await.expect("producer");
+    let big = Bytes::from(vec![0u8; 5 * 1024 * 1024 + 1]);
+    match p.publish(big, 1).await {
+        Err(ServiceError::MessageTooLarge { size, max }) => {
+            assert_eq!((size, max), (5 * 1024 * 1024 + 1, 5 * 1024 * 1024))
+        }
+        other => panic!("oversized: {:?}", other.map(|_| ())),
+    }
+    match p.publish(Bytes::from_static(b"not a batch"), 1).await {
+        Err(ServiceError::BadRequest(msg)) => assert!(msg.contains("batch"), "{msg}"),
+        other => panic!("malformed: {:?}", other.map(|_| ())),
+    }
+    match p.publish(one(None, "x"), 2).await {
+        Err(ServiceError::BadRequest(msg)) => assert!(msg.contains("2 messages"), "{msg}"),
+        other => panic!("count mismatch: {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(svc.create_producer("bad topic", "").await, Err(ServiceError::InvalidTopic(_))));
+    let stored = p.publish(one(None, "ok"), 1).await.expect("queue").await.expect("stored");
+    assert_eq!(stored.entry_id, 0, "refused batches took no entry id");
+    svc.shutdown().await;
+    env.stop().await;
+}

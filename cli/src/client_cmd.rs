@@ -139,8 +139,14 @@ pub async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("subscribe {} to {}", args.subscription, args.topic))?;
     eprintln!(
-        "subscribed {} to {} ({}; a new subscription starts at the {:?} message); waiting for messages",
-        args.subscription, args.topic, args.subscription_type, args.position
+        "subscribed {} to {} ({}; a new subscription starts at the {} message); waiting for messages",
+        args.subscription,
+        args.topic,
+        args.subscription_type,
+        match args.position {
+            InitialPosition::Earliest => "earliest",
+            InitialPosition::Latest => "latest",
+        }
     );
     let mut out = tokio::io::stdout();
     let mut consumed = 0u64;

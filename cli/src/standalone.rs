@@ -47,9 +47,14 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     bookie.metadata_url = metadata_url.clone();
     bookie.journal_dir = dir.join("bookie/journal");
     bookie.ledger_dir = dir.join("bookie/ledgers");
+    let mut broker: BrokerConfig = config::load(args.broker_config.as_deref()).context("load broker configuration")?;
+    // Every batch the broker accepts must fit in a bookie entry (28 bytes of header).
+    let entry_floor = broker.max_message_bytes.as_u64() + 64 * 1024;
+    if bookie.max_entry_bytes.as_u64() < entry_floor {
+        bookie.max_entry_bytes = bytesize::ByteSize::b(entry_floor);
+    }
     let bookie = BookieServer::start_with_store(bookie, store.clone()).await.context("start the bookie")?;
 
-    let mut broker: BrokerConfig = config::load(args.broker_config.as_deref()).context("load broker configuration")?;
     broker.quic_addr = args.quic_addr;
     broker.http_addr = args.http_addr;
     broker.metadata_url = metadata_url;
@@ -65,28 +70,37 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
         }
     };
     let quic = broker.quic_addr();
-    if let Err(e) = publish_cert(broker.cert_file(), quic.port()) {
-        tracing::warn!(error = %e, "could not publish the certificate for local clients");
-    }
+    let published = match publish_cert(broker.cert_file(), quic.port()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the certificate for local clients");
+            None
+        }
+    };
     println!("Magnetar standalone is ready ({} ms)", started.elapsed().as_millis());
     println!("  clients (QUIC/UDP): quic://{quic}");
     println!("  HTTP (/health, /metrics): http://{}", broker.http_addr());
     println!("  TLS certificate: {}", broker.cert_file().display());
     println!("  data: {}", dir.display());
-    println!("Try: magnetar produce my-topic --messages hello -n 10");
+    println!("Try: magnetar consume my-topic -s first-sub -n 10   (then, in another terminal)");
+    println!("     magnetar produce my-topic --messages hello -n 10");
     crate::shutdown_signal().await;
     println!("Shutting down: draining clients, persisting cursors, closing ledgers");
     broker.shutdown().await;
     bookie.shutdown().await;
+    if let Some(p) = published {
+        let _ = std::fs::remove_file(p);
+    }
     println!("Stopped");
     Ok(())
 }
 
-fn publish_cert(cert: &Path, port: u16) -> std::io::Result<()> {
+/// Copies the certificate where local clients look for it (removed again on a clean exit).
+fn publish_cert(cert: &Path, port: u16) -> std::io::Result<PathBuf> {
     let target = config::local_standalone_cert_path(port);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::copy(cert, &target)?;
-    Ok(())
+    Ok(target)
 }

@@ -55,6 +55,7 @@ impl EntryCache {
 
     /// Bytes held now (approximate: moka applies evictions lazily).
     pub fn weighted_bytes(&self) -> u64 {
+        self.inner.run_pending_tasks();
         self.inner.weighted_size()
     }
 }
