@@ -341,6 +341,7 @@ async fn run_consumers(
     meter: Arc<Meter>,
     end: Instant,
     target: Arc<AtomicU64>,
+    goal_changed: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<(Vec<tokio::task::JoinHandle<Check>>, Arc<AtomicU64>)> {
     let consumed = Arc::new(AtomicU64::new(0));
     let ordered = matches!(opts.subscription_type, SubscriptionType::Exclusive | SubscriptionType::Failover);
@@ -359,9 +360,14 @@ async fn run_consumers(
             let meter = meter.clone();
             let consumed = consumed.clone();
             let target = target.clone();
+            let goal_changed = goal_changed.clone();
             handles.push(tokio::spawn(async move {
                 let mut checker = Checker::default();
                 loop {
+                    // Registered before the goal is read, so a change in between is not missed.
+                    let notified = goal_changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
                     let goal = target.load(Ordering::Relaxed);
                     if consumed.load(Ordering::Relaxed) >= goal || (goal == u64::MAX && Instant::now() >= end) {
                         break;
@@ -371,11 +377,15 @@ async fn run_consumers(
                     } else {
                         Duration::from_secs(30)
                     };
-                    let m = match tokio::time::timeout(wait, consumer.receive()).await {
-                        Ok(Ok(m)) => m,
-                        Ok(Err(_)) => break,
-                        Err(_) if goal == u64::MAX => continue,
-                        Err(_) => break,
+                    let m = tokio::select! {
+                        r = tokio::time::timeout(wait, consumer.receive()) => match r {
+                            Ok(Ok(m)) => m,
+                            Ok(Err(_)) => break,
+                            Err(_) if goal == u64::MAX => continue,
+                            Err(_) => break,
+                        },
+                        // The goal was set (end-to-end runs learn it when producing ends).
+                        _ = &mut notified => continue,
                     };
                     if let Some(ts) = checker.see(&m.payload, ordered) {
                         let lat = Duration::from_micros(now_us().saturating_sub(ts));
@@ -442,7 +452,8 @@ pub async fn consume(args: ConsumePerfArgs) -> anyhow::Result<()> {
     let ticker = start_ticker(vec![meter.clone()], Duration::from_secs(args.run.warmup), in_flight);
     let end = Instant::now() + Duration::from_secs(args.run.warmup + args.run.time);
     let target = Arc::new(AtomicU64::new(if args.run.num_messages > 0 { args.run.num_messages } else { u64::MAX }));
-    let (handles, _) = run_consumers(&client, &args.run, &args.consume, meter.clone(), end, target).await?;
+    let (handles, _) =
+        run_consumers(&client, &args.run, &args.consume, meter.clone(), end, target, Arc::default()).await?;
     let mut checks = Vec::new();
     for h in handles {
         checks.push(h.await.context("consumer task")?);
@@ -465,16 +476,19 @@ pub async fn e2e(args: E2ePerfArgs) -> anyhow::Result<()> {
     consume.position = InitialPosition::Latest;
     // The consumers' goal is set once the producers know how many messages were acknowledged.
     let target = Arc::new(AtomicU64::new(u64::MAX - 1));
-    let (handles, _) = run_consumers(&client, &args.run, &consume, cons.clone(), end, target.clone()).await?;
+    let goal_changed = Arc::new(tokio::sync::Notify::new());
+    let (handles, _) =
+        run_consumers(&client, &args.run, &consume, cons.clone(), end, target.clone(), goal_changed.clone()).await?;
     let acked = Arc::new(AtomicU64::new(0));
     run_producers(&client, &args.run, &args.produce, prod.clone(), in_flight, end, acked.clone()).await?;
+    let produced = prod.rec.lock().unwrap_or_else(|p| p.into_inner()).summary(&prod.label);
     target.store(acked.load(Ordering::Relaxed), Ordering::Relaxed);
+    goal_changed.notify_waiters();
     let mut checks = Vec::new();
     for h in handles {
         checks.push(h.await.context("consumer task")?);
     }
     ticker.abort();
-    let produced = prod.rec.lock().unwrap_or_else(|p| p.into_inner()).summary(&prod.label);
     let consumed = cons.rec.lock().unwrap_or_else(|p| p.into_inner()).summary(&cons.label);
     client.close().await;
     let check = merge(checks);
