@@ -370,12 +370,13 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
     info!(topic = %handle.topic(), subscription = %req.subscription, "consumer attached");
     let (errors_tx, mut errors_rx) = mpsc::unbounded_channel::<Frame>();
     let writer = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Payloads go to QUIC as they are (shared with the cache), behind small headers.
+        let mut out = Outgoing::default();
         loop {
             tokio::select! {
                 biased;
                 f = errors_rx.recv() => match f {
-                    Some(f) => f.encode(&mut buf),
+                    Some(f) => out.frame(&f),
                     None => {
                         let _ = send.finish();
                         return;
@@ -388,19 +389,18 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
                         let _ = send.finish();
                         return;
                     };
-                    encode_event(ev, &mut buf);
-                    while buf.len() < WRITE_COALESCE_BYTES {
+                    out.event(ev);
+                    while out.bytes < WRITE_COALESCE_BYTES {
                         match events.try_recv() {
-                            Ok(ev) => encode_event(ev, &mut buf),
+                            Ok(ev) => out.event(ev),
                             Err(_) => break,
                         }
                     }
                 }
             }
-            if send.write_all(&buf).await.is_err() {
+            if out.write(&mut send).await.is_err() {
                 return;
             }
-            buf.clear();
         }
     });
     loop {
@@ -435,11 +435,37 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
     let _ = writer.await;
 }
 
-fn encode_event(ev: ConsumerEvent, buf: &mut BytesMut) {
-    match ev {
-        ConsumerEvent::Message { position, redelivery_count, payload } => {
-            Frame::Message { position, redelivery_count, payload }.encode(buf)
+/// Frames waiting for one write: headers encoded together, payloads kept as shared buffers.
+#[derive(Default)]
+struct Outgoing {
+    headers: BytesMut,
+    chunks: Vec<bytes::Bytes>,
+    bytes: usize,
+}
+
+impl Outgoing {
+    fn event(&mut self, ev: ConsumerEvent) {
+        match ev {
+            ConsumerEvent::Message { position, redelivery_count, payload } => {
+                wire::encode_message_header(position, redelivery_count, payload.len(), &mut self.headers);
+                self.bytes += payload.len() + 25;
+                self.chunks.push(self.headers.split().freeze());
+                self.chunks.push(payload);
+            }
+            ConsumerEvent::ActiveChange { active } => self.frame(&Frame::ActiveConsumerChange { active }),
         }
-        ConsumerEvent::ActiveChange { active } => Frame::ActiveConsumerChange { active }.encode(buf),
+    }
+
+    fn frame(&mut self, f: &Frame) {
+        f.encode(&mut self.headers);
+        self.bytes += self.headers.len();
+        self.chunks.push(self.headers.split().freeze());
+    }
+
+    async fn write(&mut self, send: &mut SendStream) -> Result<(), quinn::WriteError> {
+        let result = send.write_all_chunks(&mut self.chunks).await;
+        self.chunks.clear();
+        self.bytes = 0;
+        result
     }
 }

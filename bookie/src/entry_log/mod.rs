@@ -23,7 +23,7 @@ pub const HEADER_BYTES: u64 = 16;
 pub const RECORD_PREFIX_BYTES: u64 = 4;
 /// A flush syncs the log every this many bytes, so its writes reach the disk in small pieces
 /// that journal syncs can interleave with, instead of one burst that stalls them.
-const WRITEBACK_CHUNK_BYTES: u64 = 4 << 20;
+const WRITEBACK_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Where an entry sits: log file, offset of the entry bytes, and their length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

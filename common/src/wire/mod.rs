@@ -376,6 +376,25 @@ impl Frame {
     }
 }
 
+/// Appends the header of a [`Frame::Message`] (length, kind, position, redelivery count) for a
+/// payload of `payload_len` bytes. The header followed by the payload is exactly the frame's
+/// encoding, so a sender can hand the payload to the transport without copying it.
+pub fn encode_message_header(position: Position, redelivery_count: u32, payload_len: usize, dst: &mut BytesMut) {
+    dst.put_u32((1 + 16 + 4 + payload_len) as u32);
+    dst.put_u8(9);
+    put_position(dst, position);
+    dst.put_u32(redelivery_count);
+}
+
+/// Appends the header of a [`Frame::Send`] (length, kind, sequence id, message count) for a
+/// payload of `payload_len` bytes; see [`encode_message_header`].
+pub fn encode_send_header(sequence_id: u64, num_messages: u32, payload_len: usize, dst: &mut BytesMut) {
+    dst.put_u32((1 + 8 + 4 + payload_len) as u32);
+    dst.put_u8(3);
+    dst.put_u64(sequence_id);
+    dst.put_u32(num_messages);
+}
+
 /// Why bytes are not a valid frame. The stream (or connection) that sent them is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {

@@ -770,3 +770,19 @@ fn initial_positions_parse_from_their_names() {
         assert!(err.contains("earliest or latest"), "{err}");
     }
 }
+
+#[test]
+fn split_headers_plus_payload_equal_the_whole_frame() {
+    let payload = Bytes::from_static(b"some batch bytes");
+    let position = Position::new(7, 9);
+    let mut split = BytesMut::new();
+    encode_message_header(position, 3, payload.len(), &mut split);
+    split.extend_from_slice(&payload);
+    let whole = Frame::Message { position, redelivery_count: 3, payload: payload.clone() }.to_bytes();
+    assert_eq!(&split[..], &whole[..]);
+    let mut split = BytesMut::new();
+    encode_send_header(42, 5, payload.len(), &mut split);
+    split.extend_from_slice(&payload);
+    let whole = Frame::Send { sequence_id: 42, num_messages: 5, payload }.to_bytes();
+    assert_eq!(&split[..], &whole[..]);
+}
