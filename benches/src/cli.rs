@@ -20,6 +20,8 @@ pub enum PerfCommand {
     Consume(crate::client_perf::ConsumePerfArgs),
     /// Produce and consume at once; measures end-to-end latency and checks what arrived.
     E2e(crate::client_perf::E2ePerfArgs),
+    /// The machine's loopback ceiling: a raw QUIC or TCP stream on 127.0.0.1 (a baseline).
+    Loopback(crate::loopback::LoopbackArgs),
 }
 
 /// Writes a JSON summary when asked to.
@@ -37,5 +39,6 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Produce(a) => crate::client_perf::produce(a).await,
         PerfCommand::Consume(a) => crate::client_perf::consume(a).await,
         PerfCommand::E2e(a) => crate::client_perf::e2e(a).await,
+        PerfCommand::Loopback(a) => crate::loopback::run(a).await,
     }
 }

@@ -4,4 +4,5 @@ pub mod bookie_perf;
 pub mod cli;
 pub mod client_perf;
 pub mod connect;
+pub mod loopback;
 pub mod stats;

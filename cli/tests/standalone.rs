@@ -248,3 +248,59 @@ fn read_until_marker(sa: &StandaloneProc, topic: &str, marker: &str) -> Vec<Stri
         }
     })
 }
+
+#[test]
+fn perf_tools_count_and_check_what_they_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sa = StandaloneProc::start(&dir.path().join("data"));
+    let json = dir.path().join("e2e.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = sa
+        .client_command(&[
+            "perf",
+            "e2e",
+            "perf-topic",
+            "-n",
+            "3000",
+            "--size",
+            "200",
+            "--warmup",
+            "0",
+            "--json",
+            &json_arg,
+        ])
+        .output()
+        .expect("run perf e2e");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
+    assert_eq!(report["check"]["messages"], 3000, "{report}");
+    assert_eq!(report["check"]["gaps"], 0);
+    assert_eq!(report["check"]["duplicates"], 0);
+    assert_eq!(report["produced"]["ops"], 3000);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 gaps, 0 duplicates, 0 malformed: OK"));
+    // A separate consumer reads the same messages back from the beginning.
+    let json = dir.path().join("consume.json");
+    let json_arg = json.to_string_lossy().into_owned();
+    let out = sa
+        .client_command(&[
+            "perf",
+            "consume",
+            "perf-topic",
+            "-s",
+            "again",
+            "--position",
+            "earliest",
+            "-n",
+            "3000",
+            "--warmup",
+            "0",
+            "--json",
+            &json_arg,
+        ])
+        .output()
+        .expect("run perf consume");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
+    assert_eq!(report["check"]["messages"], 3000, "{report}");
+    assert_eq!(report["check"]["gaps"], 0);
+}
