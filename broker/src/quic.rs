@@ -307,14 +307,26 @@ async fn serve_producer(ctx: StreamCtx, req: ProducerRequest, mut send: SendStre
             Ok(Frame::Send { sequence_id, num_messages, payload }) => {
                 let Ok(slot) = ctx.publish_slots.clone().acquire_owned().await else { break };
                 let receipt: Receipt = match producer.publish(payload, num_messages).await {
-                    Ok(done) => Box::pin(async move {
-                        let r = done.await;
-                        drop(slot);
-                        match r {
-                            Ok(position) => Frame::SendReceipt { sequence_id, position },
-                            Err(e) => Frame::SendError { sequence_id, code: e.code(), message: e.to_string() },
-                        }
-                    }),
+                    // Driven by its own task, so publish memory and the connection's slot are
+                    // released when the entry is stored, even if this client reads its receipts
+                    // slowly (a slow reader must not hold the broker's publish budget).
+                    Ok(done) => {
+                        let task = tokio::spawn(async move {
+                            let r = done.await;
+                            drop(slot);
+                            match r {
+                                Ok(position) => Frame::SendReceipt { sequence_id, position },
+                                Err(e) => Frame::SendError { sequence_id, code: e.code(), message: e.to_string() },
+                            }
+                        });
+                        Box::pin(async move {
+                            task.await.unwrap_or_else(|e| Frame::SendError {
+                                sequence_id,
+                                code: ErrorCode::Internal,
+                                message: format!("publish task failed: {e}"),
+                            })
+                        })
+                    }
                     Err(e) => Box::pin(std::future::ready(Frame::SendError {
                         sequence_id,
                         code: e.code(),

@@ -400,3 +400,25 @@ async fn ledgers_roll_over_and_reads_cross_them_in_order_across_restarts() {
     svc.shutdown().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_of_undelivered_positions_are_ignored() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let sent = produce(&svc, "fake-ack", &texts(2, "m")).await;
+    let (c, mut ev) = subscribe(&svc, "fake-ack", params("s", SubscriptionType::Exclusive, "a"), 100).await;
+    assert_eq!(next_message(&mut ev).await.payload, "m0");
+    assert_eq!(next_message(&mut ev).await.payload, "m1");
+    // Positions nobody received: far ahead in this ledger, in a later ledger, at the very end.
+    let ledger = sent[0].ledger_id;
+    c.ack(vec![Position::new(ledger, 1_000_000_000)], true).expect("ack");
+    c.ack(vec![Position::new(ledger + 7, 0), Position::new(u64::MAX, u64::MAX)], false).expect("ack");
+    c.ack(vec![Position::new(ledger, u64::MAX)], true).expect("ack");
+    let later = produce(&svc, "fake-ack", &texts(3, "n")).await;
+    for (i, pos) in later.iter().enumerate() {
+        let m = next_message(&mut ev).await;
+        assert_eq!((m.position, m.payload), (*pos, format!("n{i}")), "still delivered");
+    }
+    svc.shutdown().await;
+    env.stop().await;
+}

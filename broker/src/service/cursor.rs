@@ -53,7 +53,7 @@ impl Cursor {
 
     /// Acknowledges every entry up to and including `p`.
     pub fn ack_cumulative(&mut self, p: Position, normalize: impl Fn(Position) -> Position) {
-        let after = Position::new(p.ledger_id, p.entry_id + 1);
+        let after = Position::new(p.ledger_id, p.entry_id.saturating_add(1));
         if after > self.acked_before {
             self.acked_before = after;
             self.acked = self.acked.split_off(&after);
@@ -67,7 +67,7 @@ impl Cursor {
             self.acked_before = n;
             if self.acked.first() == Some(&n) {
                 self.acked.pop_first();
-                self.acked_before = Position::new(n.ledger_id, n.entry_id + 1);
+                self.acked_before = Position::new(n.ledger_id, n.entry_id.saturating_add(1));
             } else {
                 break;
             }

@@ -351,6 +351,11 @@ impl ManagedLedger {
         self.confirmed.send_replace(Some(pos));
     }
 
+    /// Last confirmed entry of one of the topic's ledgers (-1: none).
+    fn last_entry_of(&self, ledger_id: u64) -> i64 {
+        self.lock().ledgers.iter().find(|l| l.id == ledger_id).map_or(-1, |l| l.last_entry)
+    }
+
     fn add_ledger(&self, id: u64) {
         self.lock().ledgers.push(LedgerInfo { id, last_entry: -1 });
     }
@@ -415,12 +420,8 @@ async fn write_list(
     })
 }
 
-type Pending = std::pin::Pin<
-    Box<
-        dyn Future<Output = (Result<u64, LedgerError>, u64, usize, oneshot::Sender<Result<Position, ServiceError>>)>
-            + Send,
-    >,
->;
+type Reply = oneshot::Sender<Result<Position, ServiceError>>;
+type Pending = std::pin::Pin<Box<dyn Future<Output = (Result<u64, LedgerError>, u64, Bytes, Reply)> + Send>>;
 
 /// The task that owns a topic's current ledger writer.
 struct Appender {
@@ -442,19 +443,19 @@ impl Appender {
         loop {
             tokio::select! {
                 biased;
-                Some((result, ledger_id, len, reply)) = inflight.next() => {
+                Some((result, ledger_id, payload, reply)) = inflight.next() => {
                     let Some(ml) = self.ml.upgrade() else { return };
                     match result {
                         Ok(entry_id) => {
                             let pos = Position::new(ledger_id, entry_id);
-                            ml.confirm(pos, len);
+                            ml.confirm(pos, payload.len());
                             let _ = reply.send(Ok(pos));
                         }
+                        Err(e) if ledger_id == self.writer.ledger_id() => {
+                            warn!(topic = %ml.topic, ledger_id, error = %e, "append failed; recovering the ledger and writing the rest to a new one");
+                            failed = !self.recover_failed_writer(&ml, &mut inflight, payload, reply).await;
+                        }
                         Err(e) => {
-                            if ledger_id == self.writer.ledger_id() && !failed {
-                                warn!(topic = %ml.topic, ledger_id, error = %e, "append failed; the next append starts a new ledger");
-                                failed = true;
-                            }
                             let _ = reply.send(Err(e.into()));
                         }
                     }
@@ -468,24 +469,12 @@ impl Appender {
                             }
                             failed = false;
                         }
-                        self.entries += 1;
-                        self.bytes += payload.len() as u64;
-                        let len = payload.len();
-                        let ledger_id = self.writer.ledger_id();
-                        let fut = self.writer.append(payload.clone());
-                        let ml = self.ml.clone();
-                        inflight.push_back(Box::pin(async move {
-                            let r = fut.await;
-                            if let (Ok(e), Some(ml)) = (&r, ml.upgrade()) {
-                                ml.cache.insert(Position::new(ledger_id, *e), payload);
-                            }
-                            (r, ledger_id, len, reply)
-                        }));
+                        self.push(&mut inflight, payload, reply);
                     }
                     Some(AppendCmd::Close { reply }) => {
-                        while let Some((result, ledger_id, len, r)) = inflight.next().await {
+                        while let Some((result, ledger_id, payload, r)) = inflight.next().await {
                             if let (Ok(entry_id), Some(ml)) = (&result, self.ml.upgrade()) {
-                                ml.confirm(Position::new(ledger_id, *entry_id), len);
+                                ml.confirm(Position::new(ledger_id, *entry_id), payload.len());
                             }
                             let _ = r.send(result.map(|e| Position::new(ledger_id, e)).map_err(Into::into));
                         }
@@ -499,6 +488,83 @@ impl Appender {
                 }
             }
         }
+    }
+
+    /// Queues an entry on the current writer.
+    fn push(&mut self, inflight: &mut FuturesOrdered<Pending>, payload: Bytes, reply: Reply) {
+        self.entries += 1;
+        self.bytes += payload.len() as u64;
+        let ledger_id = self.writer.ledger_id();
+        let fut = self.writer.append(payload.clone());
+        let ml = self.ml.clone();
+        inflight.push_back(Box::pin(async move {
+            let r = fut.await;
+            if let (Ok(e), Some(ml)) = (&r, ml.upgrade()) {
+                ml.cache.insert(Position::new(ledger_id, *e), payload.clone());
+            }
+            (r, ledger_id, payload, reply)
+        }));
+    }
+
+    /// The current writer failed at an entry. Every later entry of that writer fails too (acks
+    /// are in order). Like Pulsar's managed ledger, keep the producers' order and tell them the
+    /// truth: fence and recover the ledger to learn which of those entries are stored, confirm
+    /// those, and write the others, in order, to a new ledger before anything queued after them.
+    /// Returns false if that was impossible (the entries then fail, and the ledger is recovered
+    /// by the topic's next load).
+    async fn recover_failed_writer(
+        &mut self,
+        ml: &Arc<ManagedLedger>,
+        inflight: &mut FuturesOrdered<Pending>,
+        payload: Bytes,
+        reply: Reply,
+    ) -> bool {
+        let failed_id = self.writer.ledger_id();
+        let mut failed = vec![(payload, reply)];
+        while let Some((result, ledger_id, payload, reply)) = inflight.next().await {
+            match result {
+                Ok(entry_id) if ledger_id != failed_id => {
+                    let pos = Position::new(ledger_id, entry_id);
+                    ml.confirm(pos, payload.len());
+                    let _ = reply.send(Ok(pos));
+                }
+                _ => failed.push((payload, reply)),
+            }
+        }
+        let first = ml.last_entry_of(failed_id) + 1;
+        let last = match ml.client.open_for_recovery(failed_id).await {
+            Ok(reader) => reader.metadata().last_entry_id,
+            Err(e) => {
+                warn!(topic = %ml.topic, ledger_id = failed_id, error = %e, "recover failed ledger");
+                for (_, reply) in failed {
+                    let _ = reply.send(Err(ServiceError::Persistence(format!("ledger {failed_id} failed: {e}"))));
+                }
+                return false;
+            }
+        };
+        let mut redo = Vec::new();
+        for (k, (payload, reply)) in failed.into_iter().enumerate() {
+            let entry_id = first + k as i64;
+            if entry_id <= last {
+                let pos = Position::new(failed_id, entry_id as u64);
+                ml.cache.insert(pos, payload.clone());
+                ml.confirm(pos, payload.len());
+                let _ = reply.send(Ok(pos));
+            } else {
+                redo.push((payload, reply));
+            }
+        }
+        info!(topic = %ml.topic, ledger_id = failed_id, last, rewritten = redo.len(), "failed ledger recovered");
+        if let Err(e) = self.roll_over().await {
+            for (_, reply) in redo {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return false;
+        }
+        for (payload, reply) in redo {
+            self.push(inflight, payload, reply);
+        }
+        true
     }
 
     fn should_roll_over(&self) -> bool {

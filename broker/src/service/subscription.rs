@@ -115,6 +115,9 @@ struct Actor {
     read_pos: Position,
     replay: BTreeSet<Position>,
     pending: BTreeMap<Position, ConsumerId>,
+    /// key_shared: entries out with a consumer per key hash, and each pending entry's hash.
+    pending_keys: HashMap<u32, (ConsumerId, u32)>,
+    pending_hash: HashMap<Position, u32>,
     redeliveries: HashMap<Position, u32>,
     consumers: BTreeMap<ConsumerId, ConsumerState>,
     next_id: ConsumerId,
@@ -134,6 +137,8 @@ impl Subscription {
             read_pos,
             replay: BTreeSet::new(),
             pending: BTreeMap::new(),
+            pending_keys: HashMap::new(),
+            pending_hash: HashMap::new(),
             redeliveries: HashMap::new(),
             consumers: BTreeMap::new(),
             next_id: 1,
@@ -284,10 +289,25 @@ impl Actor {
 
     /// Puts delivered entries back for redelivery, counting the redelivery.
     fn requeue(&mut self, positions: Vec<Position>) {
+        self.release_keys(positions.clone());
         for p in positions {
             if self.pending.remove(&p).is_some() {
                 *self.redeliveries.entry(p).or_insert(0) += 1;
                 self.replay.insert(p);
+            }
+        }
+    }
+
+    /// key_shared: these entries are no longer out with a consumer.
+    fn release_keys(&mut self, positions: Vec<Position>) {
+        for p in positions {
+            if let Some(hash) = self.pending_hash.remove(&p)
+                && let Some((_, n)) = self.pending_keys.get_mut(&hash)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_keys.remove(&hash);
+                }
             }
         }
     }
@@ -337,14 +357,22 @@ impl Actor {
         let ml = self.s.ml.clone();
         let normalize = |p| ml.normalize(p);
         for p in positions {
+            // Only entries that exist and were read for this subscription can be acknowledged: a
+            // made-up position must not move the cursor past messages nobody received.
+            if p >= self.read_pos || ml.normalize(p) != p {
+                debug!(topic = %self.s.topic_path, subscription = %self.s.name, position = %p, "ignoring an ack of an entry not delivered");
+                continue;
+            }
             if cumulative {
                 self.s.cursor.ack_cumulative(p, normalize);
-                let after = Position::new(p.ledger_id, p.entry_id + 1);
+                let after = Position::new(p.ledger_id, p.entry_id.saturating_add(1));
+                self.release_keys(self.pending.range(..after).map(|(q, _)| *q).collect());
                 self.pending = self.pending.split_off(&after);
                 self.replay = self.replay.split_off(&after);
                 self.redeliveries.retain(|q, _| *q >= after);
             } else {
                 self.s.cursor.ack(p, normalize);
+                self.release_keys(vec![p]);
                 self.pending.remove(&p);
                 self.replay.remove(&p);
                 self.redeliveries.remove(&p);
@@ -393,7 +421,12 @@ impl Actor {
                 let entries =
                     self.s.ml.read(self.read_pos, n, self.s.dispatch.read_batch_bytes.as_u64() as usize).await?;
                 match entries.last() {
-                    Some((p, _)) => self.read_pos = Position::new(p.ledger_id, p.entry_id + 1),
+                    Some((p, _)) => {
+                        self.read_pos = Position::new(p.ledger_id, p.entry_id + 1);
+                        // The read position moved (even if every entry read was acknowledged
+                        // already): go round again.
+                        progressed = true;
+                    }
                     None => {
                         // Nothing stored at the read position: move it over ledger boundaries.
                         let next = self.s.ml.normalize(self.read_pos);
@@ -468,16 +501,24 @@ impl Actor {
     fn deliver(&mut self, p: Position, payload: Bytes, blocked: &mut HashSet<ConsumerId>) -> bool {
         let header = batch::read_header(&payload).ok();
         let num_messages = header.as_ref().map_or(1, |h| i64::from(h.num_messages));
-        let target = match self.s.sub_type {
-            SubscriptionType::Exclusive | SubscriptionType::Failover => self.active,
-            SubscriptionType::Shared => self.next_round_robin(),
-            SubscriptionType::KeyShared => match header.as_ref().and_then(|h| h.key.as_ref()) {
-                Some(key) => self.ring_lookup(crc32c::crc32c(key)),
-                None => self.next_round_robin(),
-            },
+        let key_hash = match self.s.sub_type {
+            SubscriptionType::KeyShared => header.as_ref().and_then(|h| h.key.as_ref()).map(|k| crc32c::crc32c(k)),
+            _ => None,
+        };
+        let target = match (self.s.sub_type, key_hash) {
+            (SubscriptionType::Exclusive | SubscriptionType::Failover, _) => self.active,
+            (SubscriptionType::KeyShared, Some(hash)) => self.ring_lookup(hash),
+            _ => self.next_round_robin(),
         };
         let Some(target) = target else { return false };
         if blocked.contains(&target) {
+            return false;
+        }
+        // A key whose earlier entries are still out with another consumer (the key moved when
+        // consumers came or went) waits until they are acknowledged or redelivered.
+        if let Some(hash) = key_hash
+            && self.pending_keys.get(&hash).is_some_and(|(owner, _)| *owner != target)
+        {
             return false;
         }
         let Some(c) = self.consumers.get_mut(&target) else { return false };
@@ -495,6 +536,10 @@ impl Actor {
         }
         c.permits -= num_messages;
         self.pending.insert(p, target);
+        if let Some(hash) = key_hash {
+            self.pending_keys.entry(hash).or_insert((target, 0)).1 += 1;
+            self.pending_hash.insert(p, hash);
+        }
         self.s.counters.messages_out.inc_by(num_messages as u64);
         self.s.counters.bytes_out.inc_by(len as u64);
         true

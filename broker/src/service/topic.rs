@@ -205,20 +205,25 @@ impl Topic {
             subs.remove(&p.subscription);
         }
         if !subs.contains_key(&p.subscription) {
+            let key = cursor_key(&self.name.path(), &p.subscription);
+            // A durable subscription that exists in the store (its task ended, or another
+            // broker created it) continues from its stored cursor.
+            let stored = match p.durable {
+                true => self.ctx.store.get(&key).await?,
+                false => None,
+            };
+            let stored = stored.and_then(|v| serde_json::from_slice::<StoredCursor>(&v.value).ok());
             let start = match (p.start, p.initial_position) {
                 (Some(pos), _) => pos,
                 (None, InitialPosition::Earliest) => self.ml.first_position(),
                 (None, InitialPosition::Latest) => self.ml.end_position(),
             };
-            let cursor = Cursor::new(start);
-            if p.durable {
+            let cursor = stored.as_ref().map_or_else(|| Cursor::new(start), Cursor::from_stored);
+            if p.durable && stored.is_none() {
                 // The subscription exists (and "latest" is fixed) from now on, even after a crash.
                 let stored = cursor.to_stored(0);
                 let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                self.ctx
-                    .store
-                    .put(&cursor_key(&self.name.path(), &p.subscription), Bytes::from(value), PutOptions::any())
-                    .await?;
+                self.ctx.store.put(&key, Bytes::from(value), PutOptions::any()).await?;
             }
             let handle = self.start_subscription(&p.subscription, p.subscription_type, cursor, p.durable);
             subs.insert(p.subscription.clone(), handle);
