@@ -221,30 +221,12 @@ async fn serve_stream(ctx: StreamCtx, send: SendStream, recv: RecvStream) {
         Ok(other) => {
             let e = ServiceError::BadRequest(format!(
                 "a stream must start with Producer or Subscribe, not {}",
-                frame_name(&other)
+                other.name()
             ));
             refuse(send, &e).await;
         }
         Err(ReadError::Malformed(e)) => protocol_error(&ctx.conn, &e),
         Err(ReadError::Closed) => {}
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Producer(_) => "Producer",
-        Frame::ProducerReady { .. } => "ProducerReady",
-        Frame::Send { .. } => "Send",
-        Frame::SendReceipt { .. } => "SendReceipt",
-        Frame::SendError { .. } => "SendError",
-        Frame::Subscribe(_) => "Subscribe",
-        Frame::SubscribeReady { .. } => "SubscribeReady",
-        Frame::Flow { .. } => "Flow",
-        Frame::Message { .. } => "Message",
-        Frame::Ack { .. } => "Ack",
-        Frame::Redeliver { .. } => "Redeliver",
-        Frame::ActiveConsumerChange { .. } => "ActiveConsumerChange",
-        Frame::Error { .. } => "Error",
     }
 }
 
@@ -338,7 +320,7 @@ async fn serve_producer(ctx: StreamCtx, req: ProducerRequest, mut send: SendStre
                 }
             }
             Ok(other) => {
-                let msg = format!("unexpected {} frame on a producer stream", frame_name(&other));
+                let msg = format!("unexpected {} frame on a producer stream", other.name());
                 let _ = tx
                     .send(Box::pin(std::future::ready(Frame::Error { code: ErrorCode::BadRequest, message: msg })))
                     .await;
@@ -431,7 +413,7 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
             }
             Ok(Frame::Redeliver { positions }) => handle.redeliver(positions),
             Ok(other) => {
-                let message = format!("unexpected {} frame on a consumer stream", frame_name(&other));
+                let message = format!("unexpected {} frame on a consumer stream", other.name());
                 let _ = errors_tx.send(Frame::Error { code: ErrorCode::BadRequest, message });
                 break;
             }

@@ -176,25 +176,6 @@ pub(crate) fn check_short_string(what: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The name of a frame's kind, for protocol errors (never the frame itself: it may be large).
-pub(crate) fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Producer(_) => "Producer",
-        Frame::ProducerReady { .. } => "ProducerReady",
-        Frame::Send { .. } => "Send",
-        Frame::SendReceipt { .. } => "SendReceipt",
-        Frame::SendError { .. } => "SendError",
-        Frame::Subscribe(_) => "Subscribe",
-        Frame::SubscribeReady { .. } => "SubscribeReady",
-        Frame::Flow { .. } => "Flow",
-        Frame::Message { .. } => "Message",
-        Frame::Ack { .. } => "Ack",
-        Frame::Redeliver { .. } => "Redeliver",
-        Frame::ActiveConsumerChange { .. } => "ActiveConsumerChange",
-        Frame::Error { .. } => "Error",
-    }
-}
-
 /// The writer task's outcome, once it has stopped unexpectedly.
 pub(crate) fn writer_stopped(joined: Result<Result<(), Error>, tokio::task::JoinError>) -> Error {
     match joined {

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use self::state::{ConsumerConfig, ConsumerState, decode_entry};
-use crate::client::{Channel, check_short_string, check_topic, frame_name, random_hex, writer_stopped};
+use crate::client::{Channel, check_short_string, check_topic, random_hex, writer_stopped};
 use crate::transport::{FrameReader, Outbox};
 use crate::{Client, Error, ReceivedMessage};
 
@@ -152,7 +152,7 @@ impl ConsumerBuilder {
         let (channel, answer) = self.client.open_channel(request, "subscribe").await?;
         let topic = match answer {
             Frame::SubscribeReady { topic } => topic,
-            other => return Err(Error::Protocol(format!("expected SubscribeReady, got {}", frame_name(&other)))),
+            other => return Err(Error::Protocol(format!("expected SubscribeReady, got {}", other.name()))),
         };
         debug!(%topic, subscription = %self.subscription, consumer = %consumer_name, "consumer ready");
         let cfg = ConsumerConfig {
@@ -339,7 +339,7 @@ async fn run(
                 }
                 Ok(Some(Frame::Error { code, message })) => break Error::broker(code, message),
                 Ok(Some(other)) => {
-                    break Error::Protocol(format!("unexpected {} frame on a consumer stream", frame_name(&other)));
+                    break Error::Protocol(format!("unexpected {} frame on a consumer stream", other.name()));
                 }
                 Ok(None) => break Error::Closed("the broker closed the consumer".into()),
                 Err(e) => break e,

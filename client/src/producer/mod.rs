@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use self::batcher::{BatchPolicy, ProducerState, check_message};
-use crate::client::{Channel, check_short_string, check_topic, frame_name, now_ms, writer_stopped};
+use crate::client::{Channel, check_short_string, check_topic, now_ms, writer_stopped};
 use crate::{Client, Error, OutgoingMessage};
 
 /// Most commands the task takes in one go before it sends what they produced.
@@ -117,7 +117,7 @@ impl ProducerBuilder {
                 return Err(Error::Protocol("the broker announced a max_message_bytes of 0".into()));
             }
             other => {
-                return Err(Error::Protocol(format!("expected ProducerReady, got {}", frame_name(&other))));
+                return Err(Error::Protocol(format!("expected ProducerReady, got {}", other.name())));
             }
         };
         debug!(%topic, producer = %name, max_message_bytes, "producer ready");
@@ -408,7 +408,7 @@ impl Task {
             }
             Frame::Error { code, message } => return Err(Error::broker(code, message)),
             other => {
-                return Err(Error::Protocol(format!("unexpected {} frame on a producer stream", frame_name(&other))));
+                return Err(Error::Protocol(format!("unexpected {} frame on a producer stream", other.name())));
             }
         }
         Ok(())

@@ -276,6 +276,11 @@ impl Frame {
         }
     }
 
+    /// The frame's kind, as a name for messages and logs.
+    pub fn name(&self) -> &'static str {
+        Self::kind_name(self.kind())
+    }
+
     fn kind_name(kind: u8) -> &'static str {
         match kind {
             1 => "Producer",

@@ -786,3 +786,10 @@ fn split_headers_plus_payload_equal_the_whole_frame() {
     let whole = Frame::Send { sequence_id: 42, num_messages: 5, payload }.to_bytes();
     assert_eq!(&split[..], &whole[..]);
 }
+
+#[test]
+fn frame_names_match_their_kinds() {
+    for f in frames() {
+        assert_eq!(f.name(), name(&f));
+    }
+}
