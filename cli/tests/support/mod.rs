@@ -294,3 +294,76 @@ impl Drop for StandaloneProc {
         }
     }
 }
+
+/// A `magnetar broker` child process on ephemeral ports, against a shared metadata store.
+#[derive(Debug)]
+pub struct BrokerProc {
+    pub dir: PathBuf,
+    pub url: String,
+    pub http: String,
+    pub cert: PathBuf,
+    child: Option<Child>,
+}
+
+impl BrokerProc {
+    /// Writes a config (`extra` TOML appended) and starts the broker; waits until it listens.
+    pub fn start(dir: &Path, metadata_url: &str, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let config = dir.join("broker.toml");
+        let toml = format!(
+            "quic_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nmetadata_url = \"{metadata_url}\"\n\
+             data_dir = \"{d}\"\n{extra}\n",
+            d = dir.display(),
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let log = std::fs::File::create(dir.join("broker.log")).expect("log file");
+        let mut child = Command::new(magnetar())
+            .args(["broker", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn magnetar broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(DEADLINE) {
+            Ok(line) if line.starts_with("broker listening on ") => line,
+            other => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
+                panic!("broker did not start ({other:?}); log:\n{log}");
+            }
+        };
+        // "broker listening on quic://ADDR (http ADDR)"
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        Self {
+            dir: dir.into(),
+            url: parts[3].to_string(),
+            http: parts[5].trim_end_matches(')').to_string(),
+            cert: dir.join("tls/cert.pem"),
+            child: Some(child),
+        }
+    }
+
+    /// A `magnetar` client command against this broker (URL and certificate given).
+    pub fn client_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(magnetar());
+        c.args(args).arg("--url").arg(&self.url).arg("--tls-trust-cert").arg(&self.cert);
+        c
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
