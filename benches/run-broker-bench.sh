@@ -77,6 +77,12 @@ E2E10_RC=0; perf e2e-10k e2e bench-e2e-10k --size 1024 --rate 10000 --time 10 --
 E2E50_RC=0; perf e2e-50k e2e bench-e2e --size 1024 --rate 50000 --time 20 --warmup 2 || E2E50_RC=$?
 perf produce-1k produce bench-1k --size 1024 --time 15 --warmup 2
 perf produce-100 produce bench-100 --size 100 --time 15 --warmup 2
+# Catch-up: 1 GiB written first (more than the entry cache holds), then read by a new subscription
+# from the earliest position, from the bookie.
+perf backlog-write produce bench-catchup --size 1024 -n 1048576 --warmup 0
+perf catchup consume bench-catchup -s catchup --position earliest -n 1048576 --warmup 0 --receiver-queue 5000
+# Many topics: 100 topics with one producer and one consumer each, 10,000 msg/s in all.
+MANY_RC=0; perf many-topics e2e bench-many --topics 100 --size 1024 --rate 10000 --time 10 --warmup 1 || MANY_RC=$?
 HWM_KB=$(awk '/^VmHWM/{print $2}' /proc/$PID/status)
 RSS_KB=$(awk '/^VmRSS/{print $2}' /proc/$PID/status)
 kill -INT $PID
@@ -88,7 +94,7 @@ trap - EXIT
 echo "   standalone stopped, exit status $STOP_RC$STOP_NOTE"
 rm -rf "$WORK/data" # gigabytes of journal and entry logs
 
-for f in produce-1k produce-100 e2e-50k e2e-10k; do
+for f in produce-1k produce-100 e2e-50k e2e-10k backlog-write catchup many-topics; do
   [ -s "$WORK/$f.json" ] || { echo "no summary $WORK/$f.json" >&2; exit 1; }
 done
 j() { jq -r "$2" "$WORK/$1.json"; }
@@ -118,6 +124,12 @@ RATE50=$(j e2e-50k '.produced.ops_per_sec | floor'); RATE10=$(j e2e-10k '.produc
 PUB50_P99=$(j e2e-50k '.produced.latency_us.p99'); E2E50_P99=$(j e2e-50k '.consumed.latency_us.p99')
 VPUB50=$(verdict "$PUB50_P99 <= 10000"); VE2E50=$(verdict "$E2E50_P99 <= 15000")
 CHECK50=$(check_text e2e-50k "$E2E50_RC"); CHECK10=$(check_text e2e-10k "$E2E10_RC")
+
+CATCHUP_MB=$(j catchup '.consumed.mb_per_sec * 10 | floor / 10')
+CATCHUP_OPS=$(j catchup '.consumed.ops_per_sec | floor')
+CATCHUP_CHECK=$(j catchup '.check | "\(.messages) consumed, \(.gaps) gaps, \(.duplicates) duplicates"')
+MANY_RATE=$(j many-topics '.consumed.ops_per_sec | floor')
+CHECKMANY=$(check_text many-topics "$MANY_RC")
 
 REST_MB=$(awk -v k="$REST_KB" 'BEGIN{printf "%.0f", k/1024}')
 HWM_MB=$(awk -v k="$HWM_KB" 'BEGIN{printf "%.0f", k/1024}')
@@ -151,6 +163,8 @@ one bookie has fdatasync'd it), \`magnetar perf\` on the same machine over QUIC 
 | 50,000 msg/s of 1 KiB: end-to-end latency | $(lat e2e-50k consumed) | p99 <= 15 ms | | $VE2E50; $CHECK50 |
 | 10,000 msg/s of 1 KiB: publish latency (achieved $RATE10 msg/s) | $(lat e2e-10k produced) | | | |
 | 10,000 msg/s of 1 KiB: end-to-end latency | $(lat e2e-10k consumed) | | | $CHECK10 |
+| catch-up consume of a 1 GiB backlog (1 KiB messages, from bookies) | $CATCHUP_MB MB/s ($CATCHUP_OPS msg/s) | | dd conv=fdatasync $DD_MBS MB/s | $(pct "$CATCHUP_MB" "$DD_MBS") of dd; $CATCHUP_CHECK |
+| 100 topics, one producer and one consumer each, 10,000 msg/s of 1 KiB in all: end-to-end latency (achieved $MANY_RATE msg/s) | $(lat many-topics consumed) | | | $CHECKMANY |
 | memory at rest (2 s idle after start) | RSS $REST_MB MiB | < 64 MiB | | $VREST |
 | memory under load (after the runs) | peak RSS $HWM_MB MiB (now $RSS_MB MiB) | <= bounds + 64 MiB = $((BOUNDS_MB + 64)) MiB | bounds: bookie write cache $WRITE_CACHE_MB MiB + broker entry cache $ENTRY_CACHE_MB MiB + publish memory $PUBLISH_MEM_MB MiB | $VHWM |
 
