@@ -44,8 +44,10 @@ pub enum LedgerError {
     NoSuchLedger(u64),
     #[error("entry {ledger}:{entry} could not be read: {reason}")]
     EntryUnavailable { ledger: u64, entry: u64, reason: String },
-    #[error("not enough bookies: need {need} writable, found {found}")]
-    NotEnoughBookies { need: usize, found: usize },
+    #[error(
+        "not enough bookies: need {need} writable, found {found} ({read_only} more are live but read-only, e.g. disk full)"
+    )]
+    NotEnoughBookies { need: usize, found: usize, read_only: usize },
     #[error("invalid: {0}")]
     Invalid(String),
     #[error("metadata store: {0}")]

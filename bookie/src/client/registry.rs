@@ -86,14 +86,11 @@ impl BookieRegistry {
 
     /// Picks `n` live, writable bookies not in `exclude`, at random.
     pub fn choose_writable(&self, n: usize, exclude: &[String]) -> Result<Vec<String>, LedgerError> {
-        let mut candidates: Vec<String> = self
-            .live()
-            .into_iter()
-            .filter(|r| !r.read_only && !exclude.contains(&r.bookie_id))
-            .map(|r| r.bookie_id)
-            .collect();
+        let live: Vec<Registration> = self.live().into_iter().filter(|r| !exclude.contains(&r.bookie_id)).collect();
+        let read_only = live.iter().filter(|r| r.read_only).count();
+        let mut candidates: Vec<String> = live.into_iter().filter(|r| !r.read_only).map(|r| r.bookie_id).collect();
         if candidates.len() < n {
-            return Err(LedgerError::NotEnoughBookies { need: n, found: candidates.len() });
+            return Err(LedgerError::NotEnoughBookies { need: n, found: candidates.len(), read_only });
         }
         candidates.shuffle(&mut rand::rng());
         candidates.truncate(n);
