@@ -15,18 +15,8 @@ command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteracti
 cargo build --release --locked -p magnetar-cli
 BIN=$ROOT/target/release/magnetar
 
-# The virtual disk's bandwidth varies a lot from run to run: take the median of three.
-echo "== baseline: dd bs=1M count=1024 conv=fdatasync (median of 3)"
-DD_ALL=""
-for _ in 1 2 3; do
-  DD_LINE=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fdatasync 2>&1 | tail -1)
-  rm -f "$WORK/dd.bin"
-  DD_BYTES=$(echo "$DD_LINE" | awk '{print $1}')
-  DD_SECS=$(echo "$DD_LINE" | awk -F', ' '{print $3}' | awk '{print $1}')
-  DD_ALL="$DD_ALL $(awk -v b="$DD_BYTES" -v s="$DD_SECS" 'BEGIN{printf "%.1f", b/s/1e6}')"
-done
-DD_MBS=$(echo $DD_ALL | tr ' ' '\n' | sort -n | sed -n 2p)
-echo "   runs:$DD_ALL MB/s; median $DD_MBS MB/s"
+. benches/bench-lib.sh
+dd_baseline "$WORK"
 
 # Two fio runs: into a freshly allocated file (each sync also commits filesystem metadata) and
 # over already written blocks (the data sync alone; what the journal's recycled files see).

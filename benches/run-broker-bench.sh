@@ -16,18 +16,8 @@ cargo build --release --locked -p magnetar-cli
 BIN=$ROOT/target/release/magnetar
 "$BIN" perf loopback --help >/dev/null 2>&1 || { echo "this build has no 'magnetar perf loopback'" >&2; exit 1; }
 
-# The virtual disk's bandwidth varies a lot from run to run: take the median of three.
-echo "== baseline: dd bs=1M count=1024 conv=fdatasync (median of 3)"
-DD_ALL=""
-for _ in 1 2 3; do
-  DD_LINE=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fdatasync 2>&1 | tail -1)
-  rm -f "$WORK/dd.bin"
-  DD_BYTES=$(echo "$DD_LINE" | awk '{print $1}')
-  DD_SECS=$(echo "$DD_LINE" | awk -F', ' '{print $3}' | awk '{print $1}')
-  DD_ALL="$DD_ALL $(awk -v b="$DD_BYTES" -v s="$DD_SECS" 'BEGIN{printf "%.1f", b/s/1e6}')"
-done
-DD_MBS=$(echo $DD_ALL | tr ' ' '\n' | sort -n | sed -n 2p)
-echo "   runs:$DD_ALL MB/s; median $DD_MBS MB/s"
+. benches/bench-lib.sh
+dd_baseline "$WORK"
 
 # The loopback ceiling: one raw stream, no broker, no storage (QUIC with the same TLS stack).
 for t in quic tcp; do

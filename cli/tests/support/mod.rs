@@ -55,13 +55,7 @@ impl BookieProc {
             .stderr(log)
             .spawn()
             .expect("spawn magnetar bookie");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -147,6 +141,18 @@ impl Drop for BookieProc {
     }
 }
 
+/// The child's standard output, line by line, read on a thread until the pipe closes.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// Polls `f` until it returns `Some`, up to the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
 where
@@ -222,13 +228,7 @@ impl StandaloneProc {
             .stderr(log)
             .spawn()
             .expect("spawn magnetar standalone");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -325,13 +325,7 @@ impl BrokerProc {
             .stderr(log)
             .spawn()
             .expect("spawn magnetar broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let line = match rx.recv_timeout(DEADLINE) {
             Ok(line) if line.starts_with("broker listening on ") => line,
             other => {
