@@ -79,18 +79,6 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    pub fn record_out(&self, topic: &str, messages: u64, bytes: u64) {
-        let l = TopicLabel { topic: topic.to_string() };
-        self.messages_out.get_or_create(&l).inc_by(messages);
-        self.bytes_out.get_or_create(&l).inc_by(bytes);
-    }
-
-    pub fn record_in(&self, topic: &str, messages: u64, bytes: u64) {
-        let l = TopicLabel { topic: topic.to_string() };
-        self.messages_in.get_or_create(&l).inc_by(messages);
-        self.bytes_in.get_or_create(&l).inc_by(bytes);
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
