@@ -15,8 +15,14 @@ use serde::{Deserialize, Serialize};
 pub struct BrokerConfig {
     /// Where clients connect (QUIC, UDP).
     pub quic_addr: SocketAddr,
-    /// Where `/health` and `/metrics` are served (HTTP).
+    /// Where `/health`, `/metrics` and the admin API are served (HTTP).
     pub http_addr: SocketAddr,
+    /// `host:port` clients are told to connect to for this broker's topics; empty: `quic_addr`
+    /// (which must then not be a wildcard address).
+    pub advertised_addr: String,
+    /// `host:port` other brokers and admin tools use for this broker's HTTP API; empty:
+    /// `http_addr` (which must then not be a wildcard address).
+    pub advertised_http_addr: String,
     /// Metadata store URL: `etcd://host:port[,host:port]/root` or `embedded:/dir`.
     pub metadata_url: String,
     /// TLS certificate chain (PEM) and private key (PEM). Both empty: generate a self-signed
@@ -35,6 +41,25 @@ pub struct BrokerConfig {
     /// Bytes of recently written entries kept for tailing consumers.
     pub cache_bytes: ByteSize,
     pub ledger_client: LedgerClientConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Ownership of topics by brokers: bundles, leases, placement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// A broker's registration and its bundle ownerships vanish this long after it stops
+    /// renewing them (a crash): then another broker takes its topics. 2s to 60s.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Bundles (hash ranges of topic names) of a namespace that has not set its own number.
+    pub default_bundles: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { lease_ttl: Duration::from_secs(3), default_bundles: 4 }
+    }
 }
 
 /// How a topic's entries are stored.
@@ -98,6 +123,8 @@ impl Default for BrokerConfig {
         Self {
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 6650)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            advertised_addr: String::new(),
+            advertised_http_addr: String::new(),
             metadata_url: "etcd://127.0.0.1:2379/magnetar".into(),
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
@@ -109,6 +136,7 @@ impl Default for BrokerConfig {
             limits: LimitsConfig::default(),
             cache_bytes: ByteSize::mib(128),
             ledger_client: LedgerClientConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -205,7 +233,49 @@ impl RoleConfig for BrokerConfig {
         if lim.max_streams_per_connection == 0 || lim.idle_timeout < Duration::from_secs(1) {
             return fail("limits.max_streams_per_connection must be positive and idle_timeout at least 1s".into());
         }
+        self.advertised_quic()?;
+        self.advertised_http()?;
+        let c = &self.cluster;
+        if !(Duration::from_secs(2)..=Duration::from_secs(60)).contains(&c.lease_ttl) {
+            return fail(format!("cluster.lease_ttl is {:?}; it must be between 2s and 60s", c.lease_ttl));
+        }
+        if !(1..=MAX_BUNDLES).contains(&c.default_bundles) {
+            return fail(format!(
+                "cluster.default_bundles is {}; it must be between 1 and {MAX_BUNDLES}",
+                c.default_bundles
+            ));
+        }
         Ok(())
+    }
+}
+
+/// Most bundles a namespace may have.
+pub const MAX_BUNDLES: u32 = 1024;
+
+impl BrokerConfig {
+    /// `host:port` clients reach this broker's QUIC listener at.
+    pub fn advertised_quic(&self) -> Result<String, ConfigError> {
+        advertised("advertised_addr", &self.advertised_addr, "quic_addr", self.quic_addr)
+    }
+
+    /// `host:port` of this broker's HTTP API for other brokers and tools.
+    pub fn advertised_http(&self) -> Result<String, ConfigError> {
+        advertised("advertised_http_addr", &self.advertised_http_addr, "http_addr", self.http_addr)
+    }
+}
+
+fn advertised(key: &str, value: &str, listen_key: &str, listen: SocketAddr) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        if listen.ip().is_unspecified() {
+            return fail(format!(
+                "{listen_key} {listen} listens on every interface: set {key} to the host:port others reach it at"
+            ));
+        }
+        return Ok(listen.to_string());
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(value.to_string()),
+        _ => fail(format!("{key} {value:?} must be host:port")),
     }
 }
 
@@ -226,5 +296,15 @@ mod tests {
         let err = from_toml::<BrokerConfig>("tls_cert_file = \"a.pem\"\n").expect_err("tls");
         assert!(err.to_string().contains("tls_key_file"), "{err}");
         assert!(from_toml::<BrokerConfig>("no_such_field = 1\n").is_err());
+        let err = from_toml::<BrokerConfig>("quic_addr = \"0.0.0.0:6650\"\n").expect_err("wildcard");
+        assert!(err.to_string().contains("set advertised_addr"), "{err}");
+        let c: BrokerConfig =
+            from_toml("quic_addr = \"0.0.0.0:6650\"\nadvertised_addr = \"broker-0.magnetar:6650\"\n").expect("parses");
+        assert_eq!(c.advertised_quic().expect("advertised"), "broker-0.magnetar:6650");
+        assert_eq!(c.advertised_http().expect("advertised"), "127.0.0.1:8080");
+        let err = from_toml::<BrokerConfig>("advertised_addr = \"nohost\"\n").expect_err("no port");
+        assert!(err.to_string().contains("host:port"), "{err}");
+        let err = from_toml::<BrokerConfig>("[cluster]\nlease_ttl = \"1s\"\n").expect_err("ttl");
+        assert!(err.to_string().contains("lease_ttl"), "{err}");
     }
 }

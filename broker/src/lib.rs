@@ -32,6 +32,8 @@ pub enum StartError {
     Http { addr: SocketAddr, source: std::io::Error },
     #[error("start the ledger client: {0}")]
     Ledgers(#[from] LedgerError),
+    #[error("join the cluster: {0}")]
+    Cluster(#[from] service::ServiceError),
 }
 
 /// A running broker.
@@ -57,6 +59,15 @@ impl Broker {
             .await
             .map_err(|source| StartError::Http { addr: config.http_addr, source })?;
         let http_addr = listener.local_addr().map_err(|source| StartError::Http { addr: config.http_addr, source })?;
+        let advertised_quic = match config.advertised_addr.is_empty() {
+            true => quic.local_addr().to_string(),
+            false => config.advertised_addr.clone(),
+        };
+        let advertised_http = match config.advertised_http_addr.is_empty() {
+            true => http_addr.to_string(),
+            false => config.advertised_http_addr.clone(),
+        };
+        service.join_cluster(&advertised_quic, &advertised_http).await?;
         let router = http::router(service.clone());
         let http = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
@@ -87,8 +98,10 @@ impl Broker {
     /// Drains: stops taking requests, answers publishes in flight, persists cursors and closes
     /// ledgers, then closes connections.
     pub async fn shutdown(self) {
-        self.quic.shutdown(Duration::from_secs(10)).await;
+        // Topics first: their clients are told to look them up again, and the lease is revoked
+        // so another broker takes them at once; then the connections close.
         self.service.shutdown().await;
+        self.quic.shutdown(Duration::from_secs(10)).await;
         self.http.abort();
         info!("broker stopped");
     }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub connections: Gauge,
     pub publish_memory_bytes: Gauge,
+    pub lease_suspensions: Counter,
+    pub owned_bundles: Gauge,
 }
 
 impl Metrics {
@@ -56,6 +58,8 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             connections: Gauge::default(),
             publish_memory_bytes: Gauge::default(),
+            lease_suspensions: Counter::default(),
+            owned_bundles: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("messages_in", "Messages published and stored", m.messages_in.clone());
@@ -76,6 +80,12 @@ impl Metrics {
         registry.register("cache_bytes", "Bytes held by the entry cache", m.cache_bytes.clone());
         registry.register("connections", "Client connections open", m.connections.clone());
         registry.register("publish_memory_bytes", "Bytes of publishes in flight", m.publish_memory_bytes.clone());
+        registry.register(
+            "lease_suspensions",
+            "Times this broker stopped serving because its lease was not renewed in time",
+            m.lease_suspensions.clone(),
+        );
+        registry.register("owned_bundles", "Bundles this broker serves", m.owned_bundles.clone());
         Self { registry, ..m }
     }
 

@@ -218,9 +218,10 @@ async fn serve_stream(ctx: StreamCtx, send: SendStream, recv: RecvStream) {
     match first {
         Ok(Frame::Producer(req)) => serve_producer(ctx, req, send, reader).await,
         Ok(Frame::Subscribe(req)) => serve_consumer(ctx, req, send, reader).await,
+        Ok(Frame::Lookup { topic }) => serve_lookup(ctx, topic, send).await,
         Ok(other) => {
             let e = ServiceError::BadRequest(format!(
-                "a stream must start with Producer or Subscribe, not {}",
+                "a stream must start with Producer, Subscribe or Lookup, not {}",
                 other.name()
             ));
             refuse(send, &e).await;
@@ -228,6 +229,17 @@ async fn serve_stream(ctx: StreamCtx, send: SendStream, recv: RecvStream) {
         Err(ReadError::Malformed(e)) => protocol_error(&ctx.conn, &e),
         Err(ReadError::Closed) => {}
     }
+}
+
+async fn serve_lookup(ctx: StreamCtx, topic: String, mut send: SendStream) {
+    let frame = match ctx.service.lookup(&topic).await {
+        Ok((topic, owner)) => {
+            Frame::LookupResult { topic: topic.to_string(), broker_url: owner.broker_url, http_url: owner.http_url }
+        }
+        Err(e) => Frame::Error { code: e.code(), message: e.to_string() },
+    };
+    let _ = write_frame(&mut send, &frame).await;
+    let _ = send.finish();
 }
 
 type Receipt = std::pin::Pin<Box<dyn Future<Output = Frame> + Send>>;
@@ -280,9 +292,17 @@ async fn serve_producer(ctx: StreamCtx, req: ProducerRequest, mut send: SendStre
         }
         let _ = send.finish();
     });
+    let unloaded = producer.unloaded();
+    tokio::pin!(unloaded);
     loop {
         let frame = tokio::select! {
             _ = ctx.stop.cancelled() => break,
+            _ = &mut unloaded => {
+                // Receipts in flight go out first (the queue is in order), then the stream ends.
+                let msg = format!("topic {} unloaded from this broker; look it up again", producer.topic());
+                let _ = tx.send(Box::pin(std::future::ready(Frame::Error { code: ErrorCode::NotOwner, message: msg }))).await;
+                break;
+            }
             f = reader.next() => f,
         };
         match frame {
@@ -378,7 +398,8 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
                 },
                 ev = events.recv() => {
                     let Some(ev) = ev else {
-                        let f = Frame::Error { code: ErrorCode::ServiceUnavailable, message: "subscription closed by the broker".into() };
+                        // The topic was unloaded (it moves to another broker, or this one stops).
+                        let f = Frame::Error { code: ErrorCode::NotOwner, message: "topic unloaded from this broker; look it up again".into() };
                         let _ = write_frame(&mut send, &f).await;
                         let _ = send.finish();
                         return;

@@ -48,7 +48,7 @@ impl TopicName {
             }
         };
         for (what, part) in [("tenant", tenant), ("namespace", namespace), ("topic", topic)] {
-            validate_part(what, part).map_err(bad)?;
+            validate_name_part(what, part).map_err(bad)?;
         }
         Ok(TopicName { tenant: tenant.to_string(), namespace: namespace.to_string(), topic: topic.to_string() })
     }
@@ -69,8 +69,9 @@ impl TopicName {
     }
 }
 
-/// A name part may hold letters, digits and `-_.=:` (Pulsar's set), and is not empty, `.` or `..`.
-fn validate_part(what: &str, part: &str) -> Result<(), String> {
+/// Checks one part of a name (tenant, namespace, topic; `what` names it in the error): letters,
+/// digits and `-_.=:` (Pulsar's set), not empty, `.` or `..`.
+pub fn validate_name_part(what: &str, part: &str) -> Result<(), String> {
     if part.is_empty() {
         return Err(format!("{what} is empty"));
     }
@@ -101,7 +102,7 @@ impl FromStr for TopicName {
 
 /// Validates a subscription name with the same rules as a topic name part.
 pub fn validate_subscription_name(name: &str) -> Result<(), String> {
-    validate_part("subscription name", name)
+    validate_name_part("subscription name", name)
 }
 
 #[cfg(test)]

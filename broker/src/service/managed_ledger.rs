@@ -66,8 +66,15 @@ pub struct ManagedLedger {
 }
 
 enum AppendCmd {
-    Append { payload: Bytes, reply: oneshot::Sender<Result<Position, ServiceError>> },
-    Close { reply: oneshot::Sender<()> },
+    Append {
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Position, ServiceError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop at once: fail what is in flight with NotOwner, leave the ledger open.
+    Abandon,
 }
 
 impl std::fmt::Debug for AppendCmd {
@@ -75,6 +82,7 @@ impl std::fmt::Debug for AppendCmd {
         match self {
             AppendCmd::Append { payload, .. } => write!(f, "Append({} bytes)", payload.len()),
             AppendCmd::Close { .. } => f.write_str("Close"),
+            AppendCmd::Abandon => f.write_str("Abandon"),
         }
     }
 }
@@ -194,6 +202,20 @@ impl ManagedLedger {
         let (reply, rx) = oneshot::channel();
         if self.appends.send(AppendCmd::Close { reply }).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+
+    /// Stops appending at once (ownership lost): appends in flight and queued fail with NotOwner
+    /// (even those a bookie quorum may have stored: producers resend, at-least-once), and the
+    /// current ledger is left open for the next owner to fence and recover.
+    pub fn abandon(&self) {
+        if self.appends.try_send(AppendCmd::Abandon).is_err() {
+            // The queue is full or closed: the appender sees the sender count drop when the
+            // topic is dropped; until then queued appends wait, unanswered.
+            let appends = self.appends.clone();
+            tokio::spawn(async move {
+                let _ = appends.send(AppendCmd::Abandon).await;
+            });
         }
     }
 
@@ -482,6 +504,28 @@ impl Appender {
                             warn!(ledger_id = self.writer.ledger_id(), error = %e, "close ledger");
                         }
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(AppendCmd::Abandon) => {
+                        let topic = self.ml.upgrade().map(|ml| ml.topic.to_string()).unwrap_or_default();
+                        let not_owner = || ServiceError::NotOwner { topic: topic.clone(), owner: None };
+                        // Dropping the in-flight appends drops their reply senders: their
+                        // producers see the topic closed (NotOwner on the wire) without waiting
+                        // for bookies.
+                        drop(std::mem::take(&mut inflight));
+                        rx.close();
+                        while let Some(cmd) = rx.recv().await {
+                            match cmd {
+                                AppendCmd::Append { reply, .. } => {
+                                    let _ = reply.send(Err(not_owner()));
+                                }
+                                AppendCmd::Close { reply } => {
+                                    let _ = reply.send(());
+                                }
+                                AppendCmd::Abandon => {}
+                            }
+                        }
+                        info!(%topic, ledger_id = self.writer.ledger_id(), "appends abandoned: ownership lost");
                         return;
                     }
                     None => return,

@@ -5,6 +5,8 @@
 pub mod cache;
 pub mod cursor;
 pub mod managed_ledger;
+pub mod ownership;
+pub mod policies;
 pub mod subscription;
 pub mod topic;
 
@@ -12,14 +14,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use magnetar_bookie::client::{LedgerClient, LedgerError};
-use magnetar_common::metadata::{MetadataError, SharedStore};
+use magnetar_common::metadata::{LeaseState, MetadataError, SharedStore};
 use magnetar_common::topic::{TopicName, validate_subscription_name};
 use magnetar_common::wire::ErrorCode;
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
+use tracing::{info, warn};
 
 use crate::config::BrokerConfig;
 use crate::metrics::{Metrics, SubscriptionLabel, TopicLabel};
 use cache::EntryCache;
+use ownership::{BrokerInfo, Bundle, Ownership, Phase};
+use policies::Policies;
 pub use subscription::ConsumerEvent;
 pub use topic::{ConsumerHandle, ProducerHandle, SubscribeParams, Topic};
 
@@ -47,6 +52,14 @@ pub enum ServiceError {
     Closed(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    #[error("topic {topic} is not served by this broker{}", owner.as_ref().map(|o| format!(" (its owner is {o})")).unwrap_or_default())]
+    NotOwner { topic: String, owner: Option<String> },
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -61,7 +74,11 @@ impl ServiceError {
             ServiceError::BadRequest(_) => ErrorCode::BadRequest,
             ServiceError::ConsumerBusy(_) => ErrorCode::ConsumerBusy,
             ServiceError::ProducerBusy(_) => ErrorCode::ProducerBusy,
-            ServiceError::Unavailable(_) | ServiceError::Closed(_) => ErrorCode::ServiceUnavailable,
+            ServiceError::Unavailable(_) => ErrorCode::ServiceUnavailable,
+            // A topic closes when it is unloaded: its next owner (maybe this broker again) serves it.
+            ServiceError::Closed(_) | ServiceError::NotOwner { .. } => ErrorCode::NotOwner,
+            ServiceError::NotFound(_) => ErrorCode::TopicNotFound,
+            ServiceError::AlreadyExists(_) | ServiceError::Conflict(_) => ErrorCode::BadRequest,
             ServiceError::Persistence(_) => ErrorCode::PersistenceError,
             ServiceError::ShuttingDown => ErrorCode::ShuttingDown,
             ServiceError::Internal(_) => ErrorCode::Internal,
@@ -94,6 +111,7 @@ pub(crate) struct Context {
     pub ledgers: LedgerClient,
     pub cache: EntryCache,
     pub metrics: Arc<Metrics>,
+    pub policies: Policies,
     publish_memory: Arc<Semaphore>,
 }
 
@@ -113,6 +131,8 @@ pub struct BrokerService {
     topics: Mutex<HashMap<TopicName, TopicCell>>,
     next_producer: std::sync::atomic::AtomicU64,
     instance: String,
+    ownership: Arc<Ownership>,
+    guard: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl BrokerService {
@@ -121,12 +141,53 @@ impl BrokerService {
         let publish_memory =
             Arc::new(Semaphore::new(config.limits.max_publish_memory.as_u64().min(u32::MAX as u64) as usize));
         let instance = format!("{:08x}", rand::random::<u32>());
+        let ownership = Ownership::new(store.clone(), config.cluster.lease_ttl);
+        let policies = Policies::new(store.clone());
         Arc::new(Self {
-            ctx: Arc::new(Context { config, store, ledgers, cache, metrics, publish_memory }),
+            ctx: Arc::new(Context { config, store, ledgers, cache, metrics, policies, publish_memory }),
             topics: Mutex::new(HashMap::new()),
             next_producer: 0.into(),
             instance,
+            ownership,
+            guard: Mutex::new(None),
         })
+    }
+
+    /// Joins the cluster: creates the default tenant and namespace if missing, registers this
+    /// broker (advertised `host:port`s) under a lease, and starts the guard that stops serving
+    /// when the lease is in doubt.
+    pub async fn join_cluster(self: &Arc<Self>, quic: &str, http: &str) -> Result<(), ServiceError> {
+        self.ctx.policies.ensure_defaults().await?;
+        self.ownership.set_addresses(quic, http);
+        let state = self.ownership.register().await?;
+        let guard = tokio::spawn(guard(Arc::downgrade(self), state));
+        *self.guard.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+        Ok(())
+    }
+
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
+    }
+
+    pub fn policies(&self) -> &Policies {
+        &self.ctx.policies
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.ctx.store
+    }
+
+    pub fn ledgers(&self) -> &LedgerClient {
+        &self.ctx.ledgers
+    }
+
+    /// Which broker serves `topic` (assigning its bundle if nobody does).
+    pub async fn lookup(&self, topic: &str) -> Result<(TopicName, BrokerInfo), ServiceError> {
+        let name = TopicName::parse(topic).map_err(|e| ServiceError::InvalidTopic(e.to_string()))?;
+        let policies = self.ctx.policies.for_topic(name.tenant(), name.namespace()).await?;
+        let bundle = Bundle::of(&name, policies.bundles(&self.ctx.config));
+        let owner = self.ownership.lookup(&bundle).await?;
+        Ok((name, owner))
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -137,16 +198,97 @@ impl BrokerService {
         &self.ctx.metrics
     }
 
-    /// The loaded topic, loading (or creating, when allowed) it on first use.
+    /// The loaded topic, loading (or creating, when allowed) it on first use. Loading checks
+    /// that this broker owns the topic's bundle; the owner fences and recovers what a previous
+    /// owner left open.
     pub async fn topic(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
         let name = TopicName::parse(name).map_err(|e| ServiceError::InvalidTopic(e.to_string()))?;
         let cell = {
             let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
             topics.entry(name.clone()).or_default().clone()
         };
+        if let Some(t) = cell.get() {
+            return Ok(t.clone());
+        }
+        let Phase::Serving { lease } = self.ownership.phase() else {
+            return Err(match self.ownership.phase() {
+                Phase::Draining => ServiceError::ShuttingDown,
+                _ => ServiceError::Unavailable("this broker cannot renew its lease in the metadata store".into()),
+            });
+        };
         let ctx = self.ctx.clone();
         let create = ctx.config.allow_auto_topic_creation;
-        cell.get_or_try_init(|| Topic::load(name, ctx, create)).await.cloned()
+        let ownership = self.ownership.clone();
+        let topic = cell
+            .get_or_try_init(|| async move {
+                let policies = ctx.policies.for_topic(name.tenant(), name.namespace()).await?;
+                let bundle = Bundle::of(&name, policies.bundles(&ctx.config));
+                ownership.check_owned(&bundle, &name).await?;
+                Topic::load(name, ctx, create, policies).await
+            })
+            .await?
+            .clone();
+        if self.ownership.phase() != (Phase::Serving { lease }) {
+            // Ownership was lost while the topic loaded: the guard may have missed it.
+            self.forget(topic.name(), &cell);
+            topic.abandon().await;
+            return Err(ServiceError::NotOwner { topic: topic.name().to_string(), owner: None });
+        }
+        Ok(topic)
+    }
+
+    /// Removes a topic's cell from the map if it is still `cell`.
+    fn forget(&self, name: &TopicName, cell: &TopicCell) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if topics.get(name).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            topics.remove(name);
+        }
+    }
+
+    /// Unloads every loaded topic: cleanly (cursors persisted, ledgers closed) or, when the lease
+    /// is in doubt, abruptly (nothing written; the next owner recovers).
+    async fn unload_all(&self, clean: bool) {
+        let topics: Vec<Arc<Topic>> = {
+            let mut map = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            map.drain().filter_map(|(_, c)| c.get().cloned()).collect()
+        };
+        if !topics.is_empty() {
+            info!(topics = topics.len(), clean, "unloading topics");
+        }
+        if clean {
+            let closes = topics.iter().map(|t| t.close());
+            futures::future::join_all(closes).await;
+        } else {
+            for t in topics {
+                t.abandon().await;
+            }
+        }
+    }
+
+    /// Unloads one topic cleanly (admin request or deletion).
+    pub async fn unload(&self, name: &TopicName) -> bool {
+        let cell = self.topics.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        match cell.and_then(|c| c.get().cloned()) {
+            Some(t) => {
+                t.close().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hands every topic over: stops taking new ones, closes the loaded ones (publishes in
+    /// flight answered, cursors persisted, ledgers closed; their producers and consumers are told
+    /// to look the topic up again), then revokes the lease so other brokers take the bundles at
+    /// once.
+    pub async fn shutdown(&self) {
+        self.ownership.drain();
+        if let Some(g) = self.guard.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            g.abort();
+        }
+        self.unload_all(true).await;
+        self.ownership.release().await;
+        self.ctx.publish_memory.close();
     }
 
     /// Attaches a producer to a topic.
@@ -200,19 +342,66 @@ impl BrokerService {
         m.cache_bytes.set(cache.weighted_bytes() as i64);
         let limit = self.ctx.config.limits.max_publish_memory.as_u64().min(u32::MAX as u64) as i64;
         m.publish_memory_bytes.set(limit - self.ctx.publish_memory.available_permits() as i64);
+        m.owned_bundles.set(self.ownership.owned_bundles().len() as i64);
         m.render()
     }
+}
 
-    /// Closes every topic: cursors persisted, ledgers closed. Producers and consumers still
-    /// attached get errors from then on.
-    pub async fn shutdown(&self) {
-        self.ctx.publish_memory.close();
-        let topics: Vec<Arc<Topic>> = {
-            let mut map = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-            map.drain().filter_map(|(_, c)| c.get().cloned()).collect()
-        };
-        for t in topics {
-            t.close().await;
+/// Watches this broker's lease: stops serving (drops every topic, writes nothing) before the
+/// store could expire it, serves again when it is renewed, registers anew when it is lost.
+async fn guard(service: std::sync::Weak<BrokerService>, mut state: watch::Receiver<LeaseState>) {
+    loop {
+        let Some(me) = service.upgrade() else { return };
+        if me.ownership.phase() == Phase::Draining {
+            return;
+        }
+        let ttl = me.ownership.lease_ttl();
+        // Stop serving this long before the store may expire the lease: clocks drift and
+        // this process may be paused.
+        let margin = ttl / 4;
+        let current = *state.borrow_and_update();
+        match current {
+            LeaseState::Valid { valid_until } => {
+                let stop_at = valid_until.checked_sub(margin).unwrap_or(valid_until);
+                if std::time::Instant::now() >= stop_at {
+                    if matches!(me.ownership.phase(), Phase::Serving { .. }) {
+                        warn!("lease not renewed in time; stopping to serve every topic until it is");
+                        me.ownership.suspend();
+                        me.metrics().lease_suspensions.inc();
+                        me.unload_all(false).await;
+                    }
+                } else if let Some(lease) = me.ownership.current_lease() {
+                    me.ownership.resume(lease);
+                }
+                drop(me);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(stop_at.into()) => {}
+                    r = state.changed() => if r.is_err() { return },
+                }
+            }
+            LeaseState::Lost => {
+                warn!("lease lost; dropping every topic and registering again");
+                me.ownership.suspend();
+                me.ownership.forget_lease();
+                me.unload_all(false).await;
+                let mut delay = std::time::Duration::from_millis(100);
+                loop {
+                    if me.ownership.phase() == Phase::Draining {
+                        return;
+                    }
+                    match me.ownership.register().await {
+                        Ok(s) => {
+                            state = s;
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "register again; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(ttl);
+                        }
+                    }
+                }
+            }
         }
     }
 }

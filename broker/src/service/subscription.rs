@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use magnetar_common::batch;
 use magnetar_common::ids::Position;
-use magnetar_common::metadata::{PutOptions, SharedStore};
+use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version};
 use magnetar_common::wire::SubscriptionType;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -69,7 +69,11 @@ pub(super) enum SubCmd {
         id: ConsumerId,
         positions: Vec<Position>,
     },
+    /// Ends the subscription's task; `persist`: write the cursor first (a clean unload). An
+    /// abrupt close (ownership lost) writes nothing: the next owner continues from the cursor
+    /// last persisted.
     Close {
+        persist: bool,
         reply: oneshot::Sender<()>,
     },
 }
@@ -107,6 +111,11 @@ pub(super) struct Subscription {
     pub ledger: ManagedLedgerConfig,
     pub stats: Arc<SubscriptionStats>,
     pub counters: Arc<TopicCounters>,
+    /// Version of the stored cursor (None: not stored yet). Cursors are written by
+    /// compare-and-swap on it, so a broker that lost the topic cannot overwrite its new owner's.
+    pub cursor_version: Option<Version>,
+    /// Set once a write found another version: this broker no longer owns the topic.
+    pub fenced: bool,
 }
 
 struct Actor {
@@ -150,15 +159,29 @@ impl Subscription {
         tx
     }
 
-    /// Persists the cursor (compare-and-swap is not needed: the topic's owner is the only writer).
-    pub async fn persist(&self) -> Result<(), ServiceError> {
-        if !self.durable {
+    /// Persists the cursor by compare-and-swap on the version last written or read. A conflict
+    /// means another broker owns the topic now: the subscription stops writing for good.
+    pub async fn persist(&mut self) -> Result<(), ServiceError> {
+        if !self.durable || self.fenced {
             return Ok(());
         }
         let stored: StoredCursor = self.cursor.to_stored(self.ledger.cursor_max_persisted_ranges);
         let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        self.store.put(&cursor_key(&self.topic_path, &self.name), Bytes::from(value), PutOptions::any()).await?;
-        Ok(())
+        let options = match self.cursor_version {
+            Some(v) => PutOptions::version(v),
+            None => PutOptions::absent(),
+        };
+        match self.store.put(&cursor_key(&self.topic_path, &self.name), Bytes::from(value), options).await {
+            Ok(v) => {
+                self.cursor_version = Some(v);
+                Ok(())
+            }
+            Err(MetadataError::Conflict { .. }) => {
+                self.fenced = true;
+                Err(ServiceError::NotOwner { topic: self.topic_path.clone(), owner: None })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -171,16 +194,20 @@ impl Actor {
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
-                    if let SubCmd::Close { reply } = cmd {
-                        self.persist_now().await;
+                    if let SubCmd::Close { persist, reply } = cmd {
+                        if persist {
+                            self.persist_now().await;
+                        }
                         let _ = reply.send(());
                         return;
                     }
                     self.handle(cmd);
                     // Apply every queued command before dispatching (acks in bulk are cheap).
                     while let Ok(cmd) = rx.try_recv() {
-                        if let SubCmd::Close { reply } = cmd {
-                            self.persist_now().await;
+                        if let SubCmd::Close { persist, reply } = cmd {
+                            if persist {
+                                self.persist_now().await;
+                            }
                             let _ = reply.send(());
                             return;
                         }

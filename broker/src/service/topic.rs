@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use magnetar_common::batch;
 use magnetar_common::ids::Position;
-use magnetar_common::metadata::PutOptions;
+use magnetar_common::metadata::{MetadataError, PutOptions, Version};
 use magnetar_common::topic::TopicName;
 use magnetar_common::wire::{InitialPosition, SubscriptionType};
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::cursor::{Cursor, StoredCursor};
 use super::managed_ledger::ManagedLedger;
+use super::policies::NamespacePolicies;
 use super::subscription::{
     ConsumerEvent, ConsumerId, ConsumerSpec, SubCmd, Subscription, SubscriptionStats, cursor_key,
 };
@@ -47,6 +48,8 @@ pub struct Topic {
     subs: tokio::sync::Mutex<HashMap<String, SubHandle>>,
     producers: Mutex<HashSet<String>>,
     pub(super) counters: Arc<TopicCounters>,
+    /// Cancelled when the topic is closed or abandoned: its producer streams end.
+    unloaded: tokio_util::sync::CancellationToken,
 }
 
 /// What a subscriber asks for.
@@ -62,15 +65,17 @@ pub struct SubscribeParams {
 }
 
 impl Topic {
-    pub(super) async fn load(name: TopicName, ctx: Arc<Context>, create: bool) -> Result<Arc<Self>, ServiceError> {
-        let ml = ManagedLedger::open(
-            name.clone(),
-            ctx.ledgers.clone(),
-            ctx.cache.clone(),
-            ctx.config.ledger.clone(),
-            create,
-        )
-        .await?;
+    pub(super) async fn load(
+        name: TopicName,
+        ctx: Arc<Context>,
+        create: bool,
+        policies: NamespacePolicies,
+    ) -> Result<Arc<Self>, ServiceError> {
+        let mut ledger = ctx.config.ledger.clone();
+        let q = policies.quorums(&ctx.config);
+        (ledger.ensemble_size, ledger.write_quorum, ledger.ack_quorum) =
+            (q.ensemble_size, q.write_quorum, q.ack_quorum);
+        let ml = ManagedLedger::open(name.clone(), ctx.ledgers.clone(), ctx.cache.clone(), ledger, create).await?;
         let label = TopicLabel { topic: name.to_string() };
         let m = &ctx.metrics;
         let counters = Arc::new(TopicCounters {
@@ -87,6 +92,7 @@ impl Topic {
             subs: tokio::sync::Mutex::new(HashMap::new()),
             producers: Mutex::new(HashSet::new()),
             counters,
+            unloaded: tokio_util::sync::CancellationToken::new(),
         });
         // Durable subscriptions come back with their cursors.
         let prefix = format!("{}/", cursor_key(&name.path(), ""));
@@ -102,8 +108,13 @@ impl Topic {
                     continue;
                 }
             };
-            let handle =
-                topic.start_subscription(&sub_name, SubscriptionType::Exclusive, Cursor::from_stored(&cursor), true);
+            let handle = topic.start_subscription(
+                &sub_name,
+                SubscriptionType::Exclusive,
+                Cursor::from_stored(&cursor),
+                Some(kv.version),
+                true,
+            );
             subs.insert(sub_name, handle);
         }
         let n = subs.len();
@@ -112,7 +123,14 @@ impl Topic {
         Ok(topic)
     }
 
-    fn start_subscription(&self, sub: &str, sub_type: SubscriptionType, cursor: Cursor, durable: bool) -> SubHandle {
+    fn start_subscription(
+        &self,
+        sub: &str,
+        sub_type: SubscriptionType,
+        cursor: Cursor,
+        cursor_version: Option<Version>,
+        durable: bool,
+    ) -> SubHandle {
         let stats = Arc::new(SubscriptionStats::default());
         *stats.cursor.lock().unwrap_or_else(|p| p.into_inner()) = (cursor.acked_before(), cursor.individually_acked());
         let tx = Subscription {
@@ -127,6 +145,8 @@ impl Topic {
             ledger: self.ctx.config.ledger.clone(),
             stats: stats.clone(),
             counters: self.counters.clone(),
+            cursor_version,
+            fenced: false,
         }
         .start();
         SubHandle { tx, stats, durable }
@@ -212,6 +232,7 @@ impl Topic {
                 true => self.ctx.store.get(&key).await?,
                 false => None,
             };
+            let mut cursor_version = stored.as_ref().map(|v| v.version);
             let stored = stored.and_then(|v| serde_json::from_slice::<StoredCursor>(&v.value).ok());
             let start = match (p.start, p.initial_position) {
                 (Some(pos), _) => pos,
@@ -223,9 +244,20 @@ impl Topic {
                 // The subscription exists (and "latest" is fixed) from now on, even after a crash.
                 let stored = cursor.to_stored(0);
                 let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                self.ctx.store.put(&key, Bytes::from(value), PutOptions::any()).await?;
+                let put = match cursor_version {
+                    Some(v) => PutOptions::version(v),
+                    None => PutOptions::absent(),
+                };
+                cursor_version =
+                    Some(self.ctx.store.put(&key, Bytes::from(value), put).await.map_err(|e| match e {
+                        MetadataError::Conflict { .. } => {
+                            ServiceError::NotOwner { topic: self.name.to_string(), owner: None }
+                        }
+                        e => e.into(),
+                    })?);
             }
-            let handle = self.start_subscription(&p.subscription, p.subscription_type, cursor, p.durable);
+            let handle =
+                self.start_subscription(&p.subscription, p.subscription_type, cursor, cursor_version, p.durable);
             subs.insert(p.subscription.clone(), handle);
         }
         let handle = subs.get(&p.subscription).ok_or_else(|| ServiceError::Internal("subscription vanished".into()))?;
@@ -269,14 +301,28 @@ impl Topic {
 
     /// Persists every cursor and closes the ledger (clean shutdown or unload).
     pub(super) async fn close(&self) {
+        self.unloaded.cancel();
         let subs: Vec<mpsc::UnboundedSender<SubCmd>> = self.subs.lock().await.drain().map(|(_, h)| h.tx).collect();
         for tx in subs {
             let (reply, rx) = oneshot::channel();
-            if tx.send(SubCmd::Close { reply }).is_ok() {
+            if tx.send(SubCmd::Close { persist: true, reply }).is_ok() {
                 let _ = rx.await;
             }
         }
         self.ml.close().await;
+    }
+
+    /// Stops serving at once, writing nothing (ownership lost): publishes in flight fail with
+    /// NotOwner, consumers are detached, cursors and the ledger are left for the next owner, who
+    /// continues from the last persisted cursors and fences and recovers the ledger.
+    pub(super) async fn abandon(&self) {
+        self.unloaded.cancel();
+        let subs: Vec<mpsc::UnboundedSender<SubCmd>> = self.subs.lock().await.drain().map(|(_, h)| h.tx).collect();
+        for tx in subs {
+            let (reply, _rx) = oneshot::channel();
+            let _ = tx.send(SubCmd::Close { persist: false, reply });
+        }
+        self.ml.abandon();
     }
 
     /// Ends a non-durable subscription (a reader's) once its consumer left.
@@ -286,7 +332,7 @@ impl Topic {
             && let Some(h) = subs.remove(name)
         {
             let (reply, _rx) = oneshot::channel();
-            let _ = h.tx.send(SubCmd::Close { reply });
+            let _ = h.tx.send(SubCmd::Close { persist: true, reply });
         }
     }
 }
@@ -307,6 +353,11 @@ impl ProducerHandle {
     }
     pub fn max_message_bytes(&self) -> u32 {
         self.topic.ctx.config.max_message_bytes.as_u64() as u32
+    }
+
+    /// Resolves when the topic is unloaded from this broker (the producer must reconnect).
+    pub fn unloaded(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.topic.unloaded.clone().cancelled_owned()
     }
 
     /// Waits for room in the broker's publish memory, validates and queues the batch, and

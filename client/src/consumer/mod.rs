@@ -44,6 +44,7 @@ pub struct ConsumerBuilder {
     receiver_queue_size: u32,
     nack_redelivery_delay: Duration,
     ack_group_time: Duration,
+    ack_timeout: Duration,
     // Set by readers only.
     durable: bool,
     start: Option<Position>,
@@ -64,6 +65,7 @@ impl ConsumerBuilder {
             receiver_queue_size: 1000,
             nack_redelivery_delay: Duration::from_secs(1),
             ack_group_time: Duration::from_millis(10),
+            ack_timeout: Duration::ZERO,
             durable: true,
             start: None,
             reader: false,
@@ -114,6 +116,13 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Messages not acknowledged this long after delivery are redelivered, to this or another
+    /// consumer of the subscription (default zero: never). At most about 49 days.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
     pub(crate) fn into_reader(mut self, start: Option<MessageId>) -> Self {
         self.durable = false;
         self.reader = true;
@@ -137,6 +146,13 @@ impl ConsumerBuilder {
                 self.receiver_queue_size
             )));
         }
+        let ack_timeout_ms = u32::try_from(self.ack_timeout.as_millis()).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "ack_timeout {:?} is above the maximum of {} ms",
+                self.ack_timeout,
+                u32::MAX
+            ))
+        })?;
         let consumer_name = self.consumer_name.clone().unwrap_or_else(|| format!("consumer-{}", random_hex()));
         let request = Frame::Subscribe(SubscribeRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -148,6 +164,7 @@ impl ConsumerBuilder {
             priority: self.priority,
             durable: self.durable,
             start: self.start,
+            ack_timeout_ms,
         });
         let (channel, answer) = self.client.open_channel(request, "subscribe").await?;
         let topic = match answer {

@@ -81,6 +81,7 @@ async fn subscribe_grants_the_queue_then_acks_whole_entries() {
                 priority: 3,
                 durable: true,
                 start: None,
+                ack_timeout_ms: 0,
             }
         );
         b.send(Frame::SubscribeReady { topic: TOPIC.into() }).await;

@@ -153,6 +153,9 @@ pub enum ErrorCode {
     Internal,
     /// A producer with this name is already connected to the topic.
     ProducerBusy,
+    /// This broker does not own the topic (any more): look the topic up again and connect to
+    /// its owner.
+    NotOwner,
     /// Code unknown to this version of the codec (sent by a newer broker).
     Unknown(u16),
 }
@@ -171,6 +174,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 8,
             ErrorCode::Internal => 9,
             ErrorCode::ProducerBusy => 10,
+            ErrorCode::NotOwner => 11,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -187,12 +191,16 @@ impl ErrorCode {
             8 => ErrorCode::ShuttingDown,
             9 => ErrorCode::Internal,
             10 => ErrorCode::ProducerBusy,
+            11 => ErrorCode::NotOwner,
             c => ErrorCode::Unknown(c),
         }
     }
     /// Whether the same request may succeed later without changes.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::ServiceUnavailable | ErrorCode::PersistenceError | ErrorCode::ShuttingDown)
+        matches!(
+            self,
+            ErrorCode::ServiceUnavailable | ErrorCode::PersistenceError | ErrorCode::ShuttingDown | ErrorCode::NotOwner
+        )
     }
 }
 
@@ -224,6 +232,9 @@ pub struct SubscribeRequest {
     /// For a non-durable subscription: the first position to deliver (overrides
     /// `initial_position`).
     pub start: Option<Position>,
+    /// Messages this consumer has not acknowledged this long after delivery are redelivered,
+    /// to it or another consumer of the subscription (0: never).
+    pub ack_timeout_ms: u32,
 }
 
 /// One frame of the client protocol.
@@ -255,6 +266,11 @@ pub enum Frame {
     ActiveConsumerChange { active: bool },
     /// Broker: the request failed; the stream is closed after this frame.
     Error { code: ErrorCode, message: String },
+    /// Client: which broker serves this topic? Sent to any broker, alone on its stream.
+    Lookup { topic: String },
+    /// Broker: the topic (full name) is served by the broker at `broker_url`
+    /// (`quic://host:port`), whose admin API is at `http_url`.
+    LookupResult { topic: String, broker_url: String, http_url: String },
 }
 
 impl Frame {
@@ -273,6 +289,8 @@ impl Frame {
             Frame::Redeliver { .. } => 11,
             Frame::ActiveConsumerChange { .. } => 12,
             Frame::Error { .. } => 13,
+            Frame::Lookup { .. } => 14,
+            Frame::LookupResult { .. } => 15,
         }
     }
 
@@ -296,6 +314,8 @@ impl Frame {
             11 => "Redeliver",
             12 => "ActiveConsumerChange",
             13 => "Error",
+            14 => "Lookup",
+            15 => "LookupResult",
             _ => "unknown",
         }
     }
@@ -350,6 +370,7 @@ impl Frame {
                     }
                     None => dst.put_u8(0),
                 }
+                dst.put_u32(s.ack_timeout_ms);
             }
             Frame::SubscribeReady { topic } => put_str(dst, topic),
             Frame::Flow { permits } => dst.put_u32(*permits),
@@ -367,6 +388,12 @@ impl Frame {
             Frame::Error { code, message } => {
                 dst.put_u16(code.code());
                 put_str(dst, message);
+            }
+            Frame::Lookup { topic } => put_str(dst, topic),
+            Frame::LookupResult { topic, broker_url, http_url } => {
+                put_str(dst, topic);
+                put_str(dst, broker_url);
+                put_str(dst, http_url);
             }
         }
         let len = (dst.len() - start - 4) as u32;
@@ -462,6 +489,7 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
             let priority = r.u32()? as i32;
             let durable = r.bool()?;
             let start = if r.bool()? { Some(r.position()?) } else { None };
+            let ack_timeout_ms = r.u32()?;
             Frame::Subscribe(SubscribeRequest {
                 protocol_version,
                 topic,
@@ -472,6 +500,7 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
                 priority,
                 durable,
                 start,
+                ack_timeout_ms,
             })
         }
         7 => Frame::SubscribeReady { topic: r.string()? },
@@ -481,6 +510,8 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
         11 => Frame::Redeliver { positions: r.positions()? },
         12 => Frame::ActiveConsumerChange { active: r.bool()? },
         13 => Frame::Error { code: ErrorCode::from_code(r.u16()?), message: r.string()? },
+        14 => Frame::Lookup { topic: r.string()? },
+        15 => Frame::LookupResult { topic: r.string()?, broker_url: r.string()?, http_url: r.string()? },
         k => return Err(FrameError::UnknownKind(k)),
     };
     if r.buf.has_remaining() {

@@ -20,6 +20,7 @@ fn subscribe(start: Option<Position>) -> Frame {
         priority: -7,
         durable: start.is_none(),
         start,
+        ack_timeout_ms: 30_000,
     })
 }
 
@@ -63,6 +64,7 @@ fn frames() -> Vec<Frame> {
             priority: i32::MIN,
             durable: true,
             start: None,
+            ack_timeout_ms: u32::MAX,
         }),
         Frame::SubscribeReady { topic: "persistent://public/default/orders".into() },
         Frame::Flow { permits: 1000 },
@@ -78,6 +80,14 @@ fn frames() -> Vec<Frame> {
         Frame::ActiveConsumerChange { active: false },
         Frame::Error { code: ErrorCode::ConsumerBusy, message: "exclusive subscription already has a consumer".into() },
         Frame::Error { code: ErrorCode::Unknown(0), message: "日本語".into() },
+        Frame::Error { code: ErrorCode::NotOwner, message: "owned by another broker".into() },
+        Frame::Lookup { topic: "orders".into() },
+        Frame::Lookup { topic: String::new() },
+        Frame::LookupResult {
+            topic: "persistent://public/default/orders".into(),
+            broker_url: "quic://10.0.0.7:6650".into(),
+            http_url: "http://10.0.0.7:8080".into(),
+        },
     ]
 }
 
@@ -97,6 +107,8 @@ fn name(f: &Frame) -> &'static str {
         Frame::Redeliver { .. } => "Redeliver",
         Frame::ActiveConsumerChange { .. } => "ActiveConsumerChange",
         Frame::Error { .. } => "Error",
+        Frame::Lookup { .. } => "Lookup",
+        Frame::LookupResult { .. } => "LookupResult",
     }
 }
 
@@ -342,9 +354,10 @@ fn golden_subscribe_without_start() {
         priority: -2,
         durable: true,
         start: None,
+        ack_timeout_ms: 1000,
     });
     let expected: &[u8] = &[
-        0, 0, 0, 20, // length
+        0, 0, 0, 24, // length
         6,  // kind: Subscribe
         0, 1, // protocol version
         0, 1, b't', // topic
@@ -355,6 +368,7 @@ fn golden_subscribe_without_start() {
         0xff, 0xff, 0xff, 0xfe, // priority -2 (two's complement)
         1,    // durable
         0,    // no start position
+        0, 0, 0x03, 0xe8, // ack timeout 1000 ms
     ];
     assert_eq!(&f.to_bytes()[..], expected);
 }
@@ -371,9 +385,10 @@ fn golden_subscribe_with_start() {
         priority: 0,
         durable: false,
         start: Some(Position::new(3, 4)),
+        ack_timeout_ms: 0,
     });
     let expected: &[u8] = &[
-        0, 0, 0, 35, // length
+        0, 0, 0, 39, // length
         6,  // kind: Subscribe
         0, 1, // protocol version
         0, 1, b't', // topic
@@ -386,6 +401,7 @@ fn golden_subscribe_with_start() {
         1, // start position follows
         0, 0, 0, 0, 0, 0, 0, 3, // ledger id
         0, 0, 0, 0, 0, 0, 0, 4, // entry id
+        0, 0, 0, 0, // no ack timeout
     ];
     assert_eq!(&f.to_bytes()[..], expected);
 }
@@ -485,6 +501,28 @@ fn golden_error() {
         0, 2, 0xc3, 0xa9, // message: UTF-8 bytes, length in bytes not chars
     ];
     assert_eq!(&f.to_bytes()[..], expected);
+    assert_eq!(ErrorCode::NotOwner.code(), 11);
+    assert_eq!(ErrorCode::from_code(11), ErrorCode::NotOwner);
+    assert!(ErrorCode::NotOwner.is_retryable());
+}
+
+#[test]
+fn golden_lookup_and_result() {
+    let expected: &[u8] = &[
+        0, 0, 0, 4,  // length
+        14, // kind: Lookup
+        0, 1, b't', // topic
+    ];
+    assert_eq!(&Frame::Lookup { topic: "t".into() }.to_bytes()[..], expected);
+    let f = Frame::LookupResult { topic: "t".into(), broker_url: "quic://b".into(), http_url: "http://h".into() };
+    let expected: &[u8] = &[
+        0, 0, 0, 24, // length
+        15, // kind: LookupResult
+        0, 1, b't', // topic
+        0, 8, b'q', b'u', b'i', b'c', b':', b'/', b'/', b'b', // broker URL
+        0, 8, b'h', b't', b't', b'p', b':', b'/', b'/', b'h', // HTTP URL
+    ];
+    assert_eq!(&f.to_bytes()[..], expected);
 }
 
 // ---- frame-level errors ----
@@ -516,11 +554,11 @@ fn a_zero_length_frame_is_empty() {
 
 #[test]
 fn unknown_kinds_are_refused() {
-    for kind in [0, 14, 99, 255] {
+    for kind in [0, 16, 99, 255] {
         assert_eq!(decode_raw(kind, &[]), Err(FrameError::UnknownKind(kind)));
         assert_eq!(decode_raw(kind, &[1, 2, 3]), Err(FrameError::UnknownKind(kind)));
     }
-    assert_eq!(FrameError::UnknownKind(14).to_string(), "unknown frame kind 14");
+    assert_eq!(FrameError::UnknownKind(16).to_string(), "unknown frame kind 16");
 }
 
 // ---- malformed bodies ----
@@ -532,13 +570,13 @@ fn booleans_other_than_0_and_1_are_malformed() {
     assert_eq!(decode_raw(12, &[0xff]), malformed("ActiveConsumerChange", BAD_BOOL));
     assert_eq!(decode_raw(10, &[2, 0, 0, 0, 0]), malformed("Ack", BAD_BOOL));
 
-    // Subscribe: the durable flag, then the start-position flag.
+    // Subscribe: the durable flag, then the start-position flag, then the ack timeout.
     let mut sub = encode(&subscribe(None));
-    let n = sub.len();
-    sub[n - 2] = 2;
+    let flags = sub.len() - 4;
+    sub[flags - 2] = 2;
     assert_eq!(decode(&mut sub, MAX), malformed("Subscribe", BAD_BOOL));
     let mut sub = encode(&subscribe(None));
-    sub[n - 1] = 2;
+    sub[flags - 1] = 2;
     assert_eq!(decode(&mut sub, MAX), malformed("Subscribe", BAD_BOOL));
 }
 
@@ -698,6 +736,7 @@ fn error_codes_have_fixed_wire_values_and_round_trip() {
         (ErrorCode::ShuttingDown, 8),
         (ErrorCode::Internal, 9),
         (ErrorCode::ProducerBusy, 10),
+        (ErrorCode::NotOwner, 11),
         (ErrorCode::Unknown(999), 999),
         (ErrorCode::Unknown(0), 0),
         (ErrorCode::Unknown(u16::MAX), u16::MAX),
@@ -710,12 +749,13 @@ fn error_codes_have_fixed_wire_values_and_round_trip() {
         let f = Frame::SendError { sequence_id: 5, code, message: String::new() };
         assert_eq!(decode(&mut encode(&f), MAX), Ok(Some(f)));
     }
-    assert_eq!(ErrorCode::from_code(11), ErrorCode::Unknown(11), "the first unassigned code");
+    assert_eq!(ErrorCode::from_code(12), ErrorCode::Unknown(12), "the first unassigned code");
 }
 
 #[test]
-fn only_transient_failures_are_retryable() {
-    let retryable = [ErrorCode::ServiceUnavailable, ErrorCode::PersistenceError, ErrorCode::ShuttingDown];
+fn only_transient_failures_and_moved_topics_are_retryable() {
+    let retryable =
+        [ErrorCode::ServiceUnavailable, ErrorCode::PersistenceError, ErrorCode::ShuttingDown, ErrorCode::NotOwner];
     for value in 0..=20 {
         let code = ErrorCode::from_code(value);
         assert_eq!(code.is_retryable(), retryable.contains(&code), "{code:?}");
