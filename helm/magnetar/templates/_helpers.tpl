@@ -105,6 +105,16 @@ app.kubernetes.io/part-of: magnetar
 {{- end -}}
 {{- end -}}
 
+{{/* "$(POD_IP):port" for the pod's environment, bracketed on IPv6 clusters (listenHost "::"):
+(dict "ctx" $ "port" 6650). */}}
+{{- define "magnetar.podAddr" -}}
+{{- if contains ":" .ctx.Values.listenHost -}}
+{{- printf "[$(POD_IP)]:%d" (int .port) -}}
+{{- else -}}
+{{- printf "$(POD_IP):%d" (int .port) -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 TOML rendering of a map from values (broker.config, bookie.config). Scalars first, then one
 [table] per nested map. Numbers that are whole are written as integers (values arrive as floats),
