@@ -3,8 +3,8 @@
 # user magnetar (uid 10001). The command picks the role:
 #
 #   docker build -t magnetar:dev .
-#   docker run --rm magnetar:dev broker --config /etc/magnetar/config/broker.toml
-#   docker run --rm magnetar:dev bookie --config /etc/magnetar/config/bookie.toml
+#   docker run --rm -v "$PWD/my-config:/etc/magnetar:ro" magnetar:dev broker --config /etc/magnetar/broker.toml
+#   docker run --rm -v "$PWD/my-config:/etc/magnetar:ro" magnetar:dev bookie --config /etc/magnetar/bookie.toml
 #   docker run -d --name magnetar -p 6650:6650/udp -p 8080:8080 magnetar:dev    # standalone
 #
 # Standalone (the default command) keeps everything under /var/lib/magnetar (mount a volume there
