@@ -353,9 +353,12 @@ if __name__ == "__main__":
      "docs": check_docs}[cmd](*args)
 PY
 
+checks=0
+pass() { checks=$((checks + 1)); }
+
 step "values documented"
 "$PY" "$WORK/check.py" docs "$CHART/values.yaml" "$CHART/README.md"
-checks=1
+pass
 
 # name|helm arguments (values files relative to the repository root)
 CASES=(
@@ -364,7 +367,6 @@ CASES=(
   "dev|-f $CHART/ci/dev-values.yaml"
   "external-etcd|--set etcd.enabled=false --set etcd.externalEndpoints={etcd-a.example.net:2379,etcd-b.example.net:2379} --set etcd.rootPath=/magnetar-a"
 )
-pass() { checks=$((checks + 1)); }
 
 for case in "${CASES[@]}"; do
   name="${case%%|*}"
