@@ -2,6 +2,7 @@
 //! cache. It knows nothing of QUIC or any other wire: protocol front-ends call
 //! [`BrokerService`] and translate its answers and [`ServiceError`]s to their own frames.
 
+pub mod admin;
 pub mod cache;
 pub mod cursor;
 pub mod managed_ledger;
@@ -133,6 +134,7 @@ pub struct BrokerService {
     instance: String,
     ownership: Arc<Ownership>,
     guard: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    rates: Mutex<admin::Rates>,
 }
 
 impl BrokerService {
@@ -150,6 +152,7 @@ impl BrokerService {
             instance,
             ownership,
             guard: Mutex::new(None),
+            rates: Mutex::new(admin::Rates::default()),
         })
     }
 
@@ -160,7 +163,10 @@ impl BrokerService {
         self.ctx.policies.ensure_defaults().await?;
         self.ownership.set_addresses(quic, http);
         let state = self.ownership.register().await?;
-        let guard = tokio::spawn(guard(Arc::downgrade(self), state));
+        let weak = Arc::downgrade(self);
+        let guard = tokio::spawn(async move {
+            tokio::join!(guard(weak.clone(), state), sample_rates(weak));
+        });
         *self.guard.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
         Ok(())
     }
@@ -202,6 +208,16 @@ impl BrokerService {
     /// that this broker owns the topic's bundle; the owner fences and recovers what a previous
     /// owner left open.
     pub async fn topic(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+        self.topic_with(name, self.ctx.config.allow_auto_topic_creation).await
+    }
+
+    /// Whether a topic is loaded on this broker.
+    pub fn is_loaded(&self, name: &TopicName) -> bool {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner()).get(name).is_some_and(|c| c.get().is_some())
+    }
+
+    /// [`Self::topic`], creating the topic if missing only when `create`.
+    pub async fn topic_with(&self, name: &str, create: bool) -> Result<Arc<Topic>, ServiceError> {
         let name = TopicName::parse(name).map_err(|e| ServiceError::InvalidTopic(e.to_string()))?;
         let cell = {
             let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,7 +233,6 @@ impl BrokerService {
             });
         };
         let ctx = self.ctx.clone();
-        let create = ctx.config.allow_auto_topic_creation;
         let ownership = self.ownership.clone();
         let topic = cell
             .get_or_try_init(|| async move {
@@ -403,5 +418,17 @@ async fn guard(service: std::sync::Weak<BrokerService>, mut state: watch::Receiv
                 }
             }
         }
+    }
+}
+
+/// Samples every loaded topic's counters once a second, for the rates of the admin API.
+async fn sample_rates(service: std::sync::Weak<BrokerService>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(me) = service.upgrade() else { return };
+        let topics = me.loaded_topics();
+        me.rates.lock().unwrap_or_else(|p| p.into_inner()).sample(&topics);
     }
 }

@@ -1,8 +1,9 @@
-//! A topic: its managed ledger, its subscriptions and its producers.
+//! A topic: its managed ledger, its subscriptions and its producers, and the periodic
+//! application of its namespace's retention policy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use magnetar_common::batch;
@@ -15,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::cursor::{Cursor, StoredCursor};
-use super::managed_ledger::ManagedLedger;
+use super::managed_ledger::{ManagedLedger, Trimmed};
 use super::policies::NamespacePolicies;
 use super::subscription::{
     ConsumerEvent, ConsumerId, ConsumerSpec, SubCmd, Subscription, SubscriptionStats, cursor_key,
@@ -31,13 +32,15 @@ pub struct TopicCounters {
     pub messages_out: Counter,
     pub bytes_out: Counter,
     pub publish_errors: Counter,
+    pub retention_deleted_ledgers: Counter,
+    pub retention_deleted_bytes: Counter,
 }
 
 #[derive(Debug)]
-struct SubHandle {
-    tx: mpsc::UnboundedSender<SubCmd>,
-    stats: Arc<SubscriptionStats>,
-    durable: bool,
+pub(super) struct SubHandle {
+    pub(super) tx: mpsc::UnboundedSender<SubCmd>,
+    pub(super) stats: Arc<SubscriptionStats>,
+    pub(super) durable: bool,
 }
 
 #[derive(Debug)]
@@ -45,11 +48,13 @@ pub struct Topic {
     name: TopicName,
     ml: Arc<ManagedLedger>,
     ctx: Arc<Context>,
-    subs: tokio::sync::Mutex<HashMap<String, SubHandle>>,
-    producers: Mutex<HashSet<String>>,
+    pub(super) subs: tokio::sync::Mutex<HashMap<String, SubHandle>>,
+    pub(super) producers: Mutex<HashSet<String>>,
     pub(super) counters: Arc<TopicCounters>,
     /// Cancelled when the topic is closed or abandoned: its producer streams end.
     unloaded: tokio_util::sync::CancellationToken,
+    /// One retention pass at a time (periodic or asked for).
+    retention: tokio::sync::Mutex<()>,
 }
 
 /// What a subscriber asks for.
@@ -62,7 +67,14 @@ pub struct SubscribeParams {
     pub priority: i32,
     pub durable: bool,
     pub start: Option<Position>,
+    /// Redeliver what this consumer has not acknowledged this long after delivery (None: never;
+    /// at least [`MIN_ACK_TIMEOUT`]).
+    pub ack_timeout: Option<Duration>,
 }
+
+/// The shortest ack timeout a consumer may ask for: shorter ones would redeliver in a loop
+/// whatever the consumer does.
+pub const MIN_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Topic {
     pub(super) async fn load(
@@ -84,6 +96,8 @@ impl Topic {
             messages_out: m.messages_out.get_or_create(&label).clone(),
             bytes_out: m.bytes_out.get_or_create(&label).clone(),
             publish_errors: m.publish_errors.get_or_create(&label).clone(),
+            retention_deleted_ledgers: m.retention_deleted_ledgers.get_or_create(&label).clone(),
+            retention_deleted_bytes: m.retention_deleted_bytes.get_or_create(&label).clone(),
         });
         let topic = Arc::new(Topic {
             name: name.clone(),
@@ -93,6 +107,7 @@ impl Topic {
             producers: Mutex::new(HashSet::new()),
             counters,
             unloaded: tokio_util::sync::CancellationToken::new(),
+            retention: tokio::sync::Mutex::new(()),
         });
         // Durable subscriptions come back with their cursors.
         let prefix = format!("{}/", cursor_key(&name.path(), ""));
@@ -119,8 +134,42 @@ impl Topic {
         }
         let n = subs.len();
         drop(subs);
+        tokio::spawn(retention_task(Arc::downgrade(&topic), ctx.config.ledger.retention_check_interval));
         info!(topic = %name, subscriptions = n, "topic loaded");
         Ok(topic)
+    }
+
+    /// Applies the namespace's retention policy now (read afresh from the metadata store):
+    /// deletes the oldest closed ledgers whose every entry all durable subscriptions have
+    /// acknowledged and that the policy no longer keeps. With no durable subscription, every
+    /// closed ledger counts as acknowledged. Runs every `ledger.retention_check_interval`; the
+    /// admin API may call it too.
+    pub async fn apply_retention(&self) -> Result<Trimmed, ServiceError> {
+        let _one_at_a_time = self.retention.lock().await;
+        if self.unloaded.is_cancelled() {
+            return Err(ServiceError::Closed(self.name.to_string()));
+        }
+        let policy = self.ctx.policies.for_topic(self.name.tenant(), self.name.namespace()).await?.retention;
+        if policy.is_unlimited() {
+            return Ok(Trimmed::default());
+        }
+        // Held until the ledgers are off the list, so that no subscription starts in one of them.
+        let subs = self.subs.lock().await;
+        let slowest = subs
+            .values()
+            .filter(|h| h.durable)
+            .map(|h| h.stats.cursor.lock().unwrap_or_else(|p| p.into_inner()).0)
+            .min();
+        let mark = slowest.unwrap_or_else(|| self.ml.end_position());
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let trimmed = self.ml.apply_retention(mark, &policy, now_ms, move || drop(subs)).await?;
+        if !trimmed.ledgers.is_empty() {
+            self.counters.retention_deleted_ledgers.inc_by(trimmed.ledgers.len() as u64);
+            self.counters.retention_deleted_bytes.inc_by(trimmed.bytes);
+            info!(topic = %self.name, ledgers = ?trimmed.ledgers, bytes = trimmed.bytes, orphaned = ?trimmed.orphaned, "retention applied");
+        }
+        Ok(trimmed)
     }
 
     fn start_subscription(
@@ -218,54 +267,24 @@ impl Topic {
         self: &Arc<Self>,
         p: SubscribeParams,
     ) -> Result<(ConsumerHandle, mpsc::UnboundedReceiver<ConsumerEvent>), ServiceError> {
-        let mut subs = self.subs.lock().await;
-        if let Some(existing) = subs.get(&p.subscription)
-            && existing.tx.is_closed()
+        if let Some(t) = p.ack_timeout
+            && t < MIN_ACK_TIMEOUT
         {
-            subs.remove(&p.subscription);
+            return Err(ServiceError::BadRequest(format!(
+                "ack_timeout_ms is {}; it must be 0 (off) or at least {}",
+                t.as_millis(),
+                MIN_ACK_TIMEOUT.as_millis()
+            )));
         }
-        if !subs.contains_key(&p.subscription) {
-            let key = cursor_key(&self.name.path(), &p.subscription);
-            // A durable subscription that exists in the store (its task ended, or another
-            // broker created it) continues from its stored cursor.
-            let stored = match p.durable {
-                true => self.ctx.store.get(&key).await?,
-                false => None,
-            };
-            let mut cursor_version = stored.as_ref().map(|v| v.version);
-            let stored = stored.and_then(|v| serde_json::from_slice::<StoredCursor>(&v.value).ok());
-            let start = match (p.start, p.initial_position) {
-                (Some(pos), _) => pos,
-                (None, InitialPosition::Earliest) => self.ml.first_position(),
-                (None, InitialPosition::Latest) => self.ml.end_position(),
-            };
-            let cursor = stored.as_ref().map_or_else(|| Cursor::new(start), Cursor::from_stored);
-            if p.durable && stored.is_none() {
-                // The subscription exists (and "latest" is fixed) from now on, even after a crash.
-                let stored = cursor.to_stored(0);
-                let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                let put = match cursor_version {
-                    Some(v) => PutOptions::version(v),
-                    None => PutOptions::absent(),
-                };
-                cursor_version =
-                    Some(self.ctx.store.put(&key, Bytes::from(value), put).await.map_err(|e| match e {
-                        MetadataError::Conflict { .. } => {
-                            ServiceError::NotOwner { topic: self.name.to_string(), owner: None }
-                        }
-                        e => e.into(),
-                    })?);
-            }
-            let handle =
-                self.start_subscription(&p.subscription, p.subscription_type, cursor, cursor_version, p.durable);
-            subs.insert(p.subscription.clone(), handle);
-        }
+        let mut subs = self.subs.lock().await;
+        self.ensure_subscription(&mut subs, &p).await?;
         let handle = subs.get(&p.subscription).ok_or_else(|| ServiceError::Internal("subscription vanished".into()))?;
         let (reply, rx) = oneshot::channel();
         let spec = ConsumerSpec {
             name: p.consumer_name.clone(),
             priority: p.priority,
             subscription_type: p.subscription_type,
+            ack_timeout: p.ack_timeout,
         };
         handle.tx.send(SubCmd::Attach { spec, reply }).map_err(|_| ServiceError::Closed(self.name.to_string()))?;
         let tx = handle.tx.clone();
@@ -283,6 +302,55 @@ impl Topic {
             },
             events,
         ))
+    }
+
+    /// Starts the subscription `p` names unless it runs: from its stored cursor if it is durable
+    /// and stored, else at `p`'s start (and, durable, stores that cursor at once).
+    pub(super) async fn ensure_subscription(
+        &self,
+        subs: &mut HashMap<String, SubHandle>,
+        p: &SubscribeParams,
+    ) -> Result<(), ServiceError> {
+        if let Some(existing) = subs.get(&p.subscription)
+            && existing.tx.is_closed()
+        {
+            subs.remove(&p.subscription);
+        }
+        if subs.contains_key(&p.subscription) {
+            return Ok(());
+        }
+
+        let key = cursor_key(&self.name.path(), &p.subscription);
+        // A durable subscription that exists in the store (its task ended, or another
+        // broker created it) continues from its stored cursor.
+        let stored = match p.durable {
+            true => self.ctx.store.get(&key).await?,
+            false => None,
+        };
+        let mut cursor_version = stored.as_ref().map(|v| v.version);
+        let stored = stored.and_then(|v| serde_json::from_slice::<StoredCursor>(&v.value).ok());
+        let start = match (p.start, p.initial_position) {
+            (Some(pos), _) => pos,
+            (None, InitialPosition::Earliest) => self.ml.first_position(),
+            (None, InitialPosition::Latest) => self.ml.end_position(),
+        };
+        let cursor = stored.as_ref().map_or_else(|| Cursor::new(start), Cursor::from_stored);
+        if p.durable && stored.is_none() {
+            // The subscription exists (and "latest" is fixed) from now on, even after a crash.
+            let stored = cursor.to_stored(0);
+            let value = serde_json::to_vec(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let put = match cursor_version {
+                Some(v) => PutOptions::version(v),
+                None => PutOptions::absent(),
+            };
+            cursor_version = Some(self.ctx.store.put(&key, Bytes::from(value), put).await.map_err(|e| match e {
+                MetadataError::Conflict { .. } => ServiceError::NotOwner { topic: self.name.to_string(), owner: None },
+                e => e.into(),
+            })?);
+        }
+        let handle = self.start_subscription(&p.subscription, p.subscription_type, cursor, cursor_version, p.durable);
+        subs.insert(p.subscription.clone(), handle);
+        Ok(())
     }
 
     /// Each subscription with its cursor stats.
@@ -333,6 +401,25 @@ impl Topic {
         {
             let (reply, _rx) = oneshot::channel();
             let _ = h.tx.send(SubCmd::Close { persist: true, reply });
+        }
+    }
+}
+
+/// Applies retention every `every` until the topic is unloaded or dropped. A pass that has begun
+/// runs to its end: stopping between taking ledgers off the list and deleting them would leave
+/// orphans.
+async fn retention_task(topic: std::sync::Weak<Topic>, every: Duration) {
+    let Some(unloaded) = topic.upgrade().map(|t| t.unloaded.clone()) else { return };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = unloaded.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(t) = topic.upgrade() else { return };
+        if let Err(e) = t.apply_retention().await {
+            warn!(topic = %t.name, error = %e, "apply retention (retrying at the next check)");
         }
     }
 }
