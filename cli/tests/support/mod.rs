@@ -351,6 +351,40 @@ impl BrokerProc {
         c.args(args).arg("--url").arg(&self.url).arg("--tls-trust-cert").arg(&self.cert);
         c
     }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// SIGINT (Ctrl-C), without waiting for the exit.
+    pub fn interrupt_nowait(&mut self) -> Child {
+        let c = self.child.take().expect("running");
+        Command::new("kill").args(["-INT", &c.id().to_string()]).status().expect("kill -INT");
+        c
+    }
+
+    /// SIGINT (Ctrl-C) and wait for a clean exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let c = self.interrupt_nowait();
+        wait_exit(c)
+    }
+}
+
+/// Waits for a child to exit (up to the deadline).
+pub fn wait_child(c: Child) -> std::process::ExitStatus {
+    wait_exit(c)
 }
 
 impl Drop for BrokerProc {
