@@ -116,16 +116,6 @@ fi
 echo "helm: $("$HELM" version --short)"
 echo "kubernetes-validate: $("$KUBERNETES_VALIDATE" --version)"
 echo "magnetar: $MAGNETAR_BIN"
-# The broker's advertised_addr and advertised_http_addr keys came with cluster ownership; a binary
-# built before them rejects the chart's MAGNETAR_BROKER_ADVERTISED_* variables as unknown.
-STALE_BINARY=""
-probe_out="$(env -i PATH="$PATH" HOME="$HOME" MAGNETAR_BROKER_ADVERTISED_ADDR=probe:6650 \
-  MAGNETAR_BROKER_ADVERTISED_HTTP_ADDR=probe:8080 "$MAGNETAR_BIN" broker --check-config /dev/null 2>&1 || true)"
-if grep -q "unknown field.*ADVERTISED" <<<"$probe_out"; then
-  STALE_BINARY=1
-  echo "WARNING: $MAGNETAR_BIN predates the broker's advertised_addr keys: the broker configuration is"
-  echo "         checked without MAGNETAR_BROKER_ADVERTISED_*; rebuild it for the full check"
-fi
 
 # --- Renders ----------------------------------------------------------------------------------
 rm -rf "$WORK"
@@ -405,14 +395,8 @@ for case in "${CASES[@]}"; do
   step "$name: rendered configuration through magnetar --check-config"
   "$PY" "$WORK/check.py" extract "$render" "$WORK/$name/config"
   for role in broker bookie; do
-    if [ -n "$STALE_BINARY" ]; then
-      mapfile -t role_env < <(grep -v '^MAGNETAR_BROKER_ADVERTISED_' "$WORK/$name/config/$role.env" || true)
-    else
-      mapfile -t role_env <"$WORK/$name/config/$role.env"
-    fi
-    note=""
-    [ -n "$STALE_BINARY" ] && [ "$role" = broker ] && note=" (MAGNETAR_BROKER_ADVERTISED_* left out: binary too old)"
-    echo "  $role env: ${role_env[*]:-(none)}$note"
+    mapfile -t role_env <"$WORK/$name/config/$role.env"
+    echo "  $role env: ${role_env[*]:-(none)}"
     # Only the rendered file and the pod's MAGNETAR_* variables: none from this shell.
     if ! out="$(env -i PATH="$PATH" HOME="$HOME" "${role_env[@]}" "$MAGNETAR_BIN" "$role" --check-config "$WORK/$name/config/$role.toml" 2>&1)"; then
       echo "$out"
@@ -480,6 +464,3 @@ pass
 
 echo
 echo "helm-check: all $checks checks passed (renders in $WORK)"
-if [ -n "$STALE_BINARY" ]; then
-  echo "helm-check: WARNING: $MAGNETAR_BIN is older than the broker's advertised_addr keys; rebuild it and run again"
-fi
