@@ -84,6 +84,10 @@ pub struct ManagedLedgerConfig {
     /// beyond it the oldest ranges are kept and later acknowledgements are redelivered after a
     /// restart (at-least-once).
     pub cursor_max_persisted_ranges: usize,
+    /// How often a topic applies its namespace's retention policy (deletes acknowledged ledgers
+    /// beyond it). At least 1s.
+    #[serde(with = "humantime_serde")]
+    pub retention_check_interval: Duration,
 }
 
 /// How entries reach consumers.
@@ -152,6 +156,7 @@ impl Default for ManagedLedgerConfig {
             rollover_max_age: Duration::from_secs(4 * 3600),
             cursor_persist_interval: Duration::from_secs(1),
             cursor_max_persisted_ranges: 10_000,
+            retention_check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -215,6 +220,12 @@ impl RoleConfig for BrokerConfig {
         }
         if l.cursor_persist_interval.is_zero() || l.rollover_max_age.is_zero() {
             return fail("ledger.cursor_persist_interval and ledger.rollover_max_age must be positive".into());
+        }
+        if l.retention_check_interval < Duration::from_secs(1) {
+            return fail(format!(
+                "ledger.retention_check_interval is {:?}; it must be at least 1s",
+                l.retention_check_interval
+            ));
         }
         let d = &self.dispatch;
         if d.read_batch_entries == 0 || d.max_consumer_permits == 0 || d.max_replay_entries == 0 {
@@ -306,5 +317,7 @@ mod tests {
         assert!(err.to_string().contains("host:port"), "{err}");
         let err = from_toml::<BrokerConfig>("[cluster]\nlease_ttl = \"1s\"\n").expect_err("ttl");
         assert!(err.to_string().contains("lease_ttl"), "{err}");
+        let err = from_toml::<BrokerConfig>("[ledger]\nretention_check_interval = \"10ms\"\n").expect_err("interval");
+        assert!(err.to_string().contains("retention_check_interval"), "{err}");
     }
 }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub backlog: Family<SubscriptionLabel, Gauge>,
     pub consumers: Family<SubscriptionLabel, Gauge>,
     pub storage_bytes: Family<TopicLabel, Gauge>,
+    pub retention_deleted_ledgers: Family<TopicLabel, Counter>,
+    pub retention_deleted_bytes: Family<TopicLabel, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_bytes: Gauge,
@@ -53,6 +55,8 @@ impl Metrics {
             backlog: Family::default(),
             consumers: Family::default(),
             storage_bytes: Family::default(),
+            retention_deleted_ledgers: Family::default(),
+            retention_deleted_bytes: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_bytes: Gauge::default(),
@@ -77,6 +81,16 @@ impl Metrics {
         registry.register("topic_storage_bytes", "Bytes of entries stored", m.storage_bytes.clone());
         registry.register("cache_hits", "Entry reads served from the cache", m.cache_hits.clone());
         registry.register("cache_misses", "Entry reads that went to bookies", m.cache_misses.clone());
+        registry.register(
+            "retention_deleted_ledgers",
+            "Acknowledged ledgers deleted by the retention policy",
+            m.retention_deleted_ledgers.clone(),
+        );
+        registry.register(
+            "retention_deleted_bytes",
+            "Bytes of acknowledged ledgers deleted by the retention policy",
+            m.retention_deleted_bytes.clone(),
+        );
         registry.register("cache_bytes", "Bytes held by the entry cache", m.cache_bytes.clone());
         registry.register("connections", "Client connections open", m.connections.clone());
         registry.register("publish_memory_bytes", "Bytes of publishes in flight", m.publish_memory_bytes.clone());

@@ -372,6 +372,7 @@ async fn serve_consumer(ctx: StreamCtx, req: SubscribeRequest, mut send: SendStr
         priority: req.priority,
         durable: req.durable,
         start: req.start,
+        ack_timeout: (req.ack_timeout_ms > 0).then(|| Duration::from_millis(u64::from(req.ack_timeout_ms))),
     };
     let (handle, mut events) = match ctx.service.subscribe(&req.topic, params).await {
         Ok(x) => x,

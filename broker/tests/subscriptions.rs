@@ -12,7 +12,8 @@ use magnetar_bookie::config::BookieConfig;
 use magnetar_bookie::server::BookieServer;
 use magnetar_broker::BrokerConfig;
 use magnetar_broker::metrics::Metrics;
-use magnetar_broker::service::{BrokerService, ConsumerEvent, ConsumerHandle, ServiceError, SubscribeParams};
+use magnetar_broker::service::policies::{NamespacePolicies, RetentionPolicy};
+use magnetar_broker::service::{BrokerService, ConsumerEvent, ConsumerHandle, ServiceError, SubscribeParams, Topic};
 use magnetar_common::batch::{self, BatchBuilder, Compression, Message};
 use magnetar_common::ids::Position;
 use magnetar_common::metadata::SharedStore;
@@ -107,6 +108,7 @@ fn params(sub: &str, t: SubscriptionType, name: &str) -> SubscribeParams {
         priority: 0,
         durable: true,
         start: None,
+        ack_timeout: None,
     }
 }
 
@@ -424,4 +426,166 @@ async fn acknowledgements_of_undelivered_positions_are_ignored() {
     }
     svc.shutdown().await;
     env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_timeout_redelivers_what_was_not_acknowledged_in_time() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let sent = produce(&svc, "ackto", &texts(2, "m")).await;
+    let mut too_short = params("s", SubscriptionType::Exclusive, "a");
+    too_short.ack_timeout = Some(Duration::from_millis(500));
+    match svc.subscribe("ackto", too_short).await {
+        Err(ServiceError::BadRequest(msg)) => assert!(msg.contains("ack_timeout_ms is 500"), "{msg}"),
+        other => panic!("ack timeout under a second: {:?}", other.map(|_| ())),
+    }
+    let mut p = params("s", SubscriptionType::Exclusive, "a");
+    p.ack_timeout = Some(Duration::from_secs(1));
+    let (c, mut ev) = subscribe(&svc, "ackto", p, 100).await;
+    let m0 = next_message(&mut ev).await;
+    let m1 = next_message(&mut ev).await;
+    assert_eq!((m0.position, m1.position), (sent[0], sent[1]));
+    // m0 is acknowledged; m1, delivered after it, is not. Had m0 been redelivered, it would
+    // come before m1 (its deadline is earlier).
+    c.ack(vec![m0.position], false).expect("ack");
+    let again = next_message(&mut ev).await;
+    assert_eq!((again.position, again.payload.as_str(), again.redelivery_count), (sent[1], "m1", 1));
+    // Not acknowledged again: it comes back again.
+    let third = next_message(&mut ev).await;
+    assert_eq!((third.position, third.redelivery_count), (sent[1], 2));
+    c.ack(vec![third.position], false).expect("ack");
+    let later = produce(&svc, "ackto", &texts(1, "n")).await;
+    let n = next_message(&mut ev).await;
+    assert_eq!(
+        (n.position, n.payload.as_str(), n.redelivery_count),
+        (later[0], "n0", 0),
+        "nothing acknowledged comes back"
+    );
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_timeout_on_shared_hands_the_message_to_another_consumer() {
+    let env = Env::new().await;
+    let svc = env.broker().await;
+    let mut pa = params("s", SubscriptionType::Shared, "a");
+    pa.ack_timeout = Some(Duration::from_secs(1));
+    let (_a, mut ev_a) = subscribe(&svc, "ackto-sh", pa, 1).await;
+    let (b, mut ev_b) = subscribe(&svc, "ackto-sh", params("s", SubscriptionType::Shared, "b"), 0).await;
+    let sent = produce(&svc, "ackto-sh", &texts(1, "m")).await;
+    let m = next_message(&mut ev_a).await;
+    assert_eq!((m.position, m.redelivery_count), (sent[0], 0));
+    // a has no permits left and never acknowledges; b can take it once a's timeout passes.
+    b.flow(10);
+    let m = next_message(&mut ev_b).await;
+    assert_eq!((m.position, m.payload.as_str(), m.redelivery_count), (sent[0], "m0", 1));
+    b.ack(vec![m.position], false).expect("ack");
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+/// The ids in a topic's ledger list, as stored.
+async fn listed_ledgers(store: &SharedStore, topic: &str) -> Vec<u64> {
+    let name = magnetar_common::topic::TopicName::parse(topic).expect("topic");
+    let v = store.get(&magnetar_broker::service::managed_ledger::key(&name)).await.expect("get").expect("listed");
+    let list: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
+    list["ledgers"].as_array().expect("ledgers").iter().map(|v| v.as_u64().expect("id")).collect()
+}
+
+async fn ledger_exists(store: &SharedStore, id: u64) -> bool {
+    store.get(&magnetar_bookie::client::meta::key(id)).await.expect("get").is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_ledgers_every_subscription_acknowledged() {
+    let env = Env::new().await;
+    let small = |c: &mut BrokerConfig| c.ledger.rollover_max_entries = 4;
+    let svc = env.broker_with(small).await;
+    // Keep nothing acknowledged.
+    let keep_nothing = NamespacePolicies {
+        retention: RetentionPolicy { time: None, size: Some(bytesize::ByteSize::b(0)) },
+        ..Default::default()
+    };
+    svc.policies().create_namespace("public", "ret", &keep_nothing, svc.config()).await.expect("namespace");
+    let topic = "public/ret/t";
+    let (a, mut ev_a) = subscribe(&svc, topic, params("a", SubscriptionType::Exclusive, "a"), 1000).await;
+    let (b, mut ev_b) = subscribe(&svc, topic, params("b", SubscriptionType::Exclusive, "b"), 1000).await;
+    let sent = produce(&svc, topic, &texts(14, "m")).await;
+    let ids: Vec<u64> =
+        sent.iter().map(|p| p.ledger_id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    assert_eq!(ids.len(), 4, "14 entries at 4 per ledger: {sent:?}");
+    assert_eq!(listed_ledgers(&env.store, topic).await, ids);
+    for _ in 0..14 {
+        let m = next_message(&mut ev_a).await;
+        a.ack(vec![m.position], false).expect("ack");
+    }
+    let mut b_got = Vec::new();
+    for _ in 0..14 {
+        b_got.push(next_message(&mut ev_b).await);
+    }
+    let t = svc.topic(topic).await.expect("topic");
+    // b acknowledged nothing: everything stays, however often retention runs.
+    wait_for_mark(&t, "a", t.managed_ledger().end_position()).await;
+    for _ in 0..3 {
+        assert_eq!(t.apply_retention().await.expect("retention"), Default::default());
+    }
+    assert_eq!(listed_ledgers(&env.store, topic).await, ids);
+    // b acknowledges the first two ledgers (8 entries): they go; the third, which b has not
+    // acknowledged, and the current one stay.
+    for m in &b_got[..8] {
+        b.ack(vec![m.position], false).expect("ack");
+    }
+    wait_for_mark(&t, "b", sent[8]).await;
+    let trimmed = t.apply_retention().await.expect("retention");
+    assert_eq!(trimmed.ledgers, ids[..2]);
+    assert!(trimmed.bytes > 0 && trimmed.orphaned.is_empty(), "{trimmed:?}");
+    assert_eq!(listed_ledgers(&env.store, topic).await, ids[2..]);
+    for id in &ids[..2] {
+        assert!(!ledger_exists(&env.store, *id).await, "ledger {id} deleted from the metadata store");
+    }
+    for id in &ids[2..] {
+        assert!(ledger_exists(&env.store, *id).await, "ledger {id} kept");
+    }
+    assert_eq!(t.managed_ledger().first_position(), sent[8]);
+    let metrics = svc.render_metrics();
+    assert!(
+        metrics.contains("magnetar_broker_retention_deleted_ledgers_total{topic=\"persistent://public/ret/t\"} 2"),
+        "{metrics}"
+    );
+    // b's consumer leaves and comes back: the rest comes again, in order; a new subscription
+    // from the earliest position starts at the first remaining entry.
+    b.close().await;
+    let (_b, mut ev_b) = subscribe(&svc, topic, params("b", SubscriptionType::Exclusive, "b"), 1000).await;
+    for (i, pos) in sent.iter().enumerate().skip(8) {
+        let m = next_message(&mut ev_b).await;
+        assert_eq!((m.position, m.payload), (*pos, format!("m{i}")));
+    }
+    let (_c, mut ev_c) = subscribe(&svc, topic, params("c", SubscriptionType::Exclusive, "c"), 1000).await;
+    assert_eq!(next_message(&mut ev_c).await.position, sent[8]);
+    a.close().await;
+    svc.shutdown().await;
+    // After a restart the topic loads from the trimmed list and reads the same.
+    let svc = env.broker_with(small).await;
+    let (_d, mut ev_d) = subscribe(&svc, topic, params("d", SubscriptionType::Exclusive, "d"), 1000).await;
+    for (i, pos) in sent.iter().enumerate().skip(8) {
+        let m = next_message(&mut ev_d).await;
+        assert_eq!((m.position, m.payload), (*pos, format!("m{i}")));
+    }
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+/// Waits until a subscription's mark-delete position (plus one) reaches `at`.
+async fn wait_for_mark(t: &Topic, sub: &str, at: Position) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = t.subscription_stats();
+        let mark = stats.iter().find(|(n, _)| n == sub).map(|(_, s)| s.cursor.lock().expect("lock").0);
+        if mark.is_some_and(|m| m >= at) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sub} stayed at {mark:?}, not {at}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

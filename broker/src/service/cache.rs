@@ -37,6 +37,11 @@ impl EntryCache {
         self.inner.insert(pos, payload);
     }
 
+    /// Drops an entry (its ledger was deleted).
+    pub fn invalidate(&self, pos: &Position) {
+        self.inner.invalidate(pos);
+    }
+
     pub fn get(&self, pos: &Position) -> Option<Bytes> {
         let v = self.inner.get(pos);
         match v {

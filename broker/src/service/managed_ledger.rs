@@ -8,6 +8,11 @@
 //! it receives an entry. Opening a topic fences and closes the ledgers its previous owner left
 //! open, so a stale writer can add nothing more. This module never blocks a thread and owns no
 //! network front-end.
+//!
+//! Retention trims the oldest closed ledgers: the appender, which owns the list's version, takes
+//! them off the list by compare-and-swap first, and only then are they deleted, so a crash in
+//! between leaves an orphan ledger, never a listed ledger that is gone. The current ledger is
+//! never trimmed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,6 +31,7 @@ use tracing::{info, warn};
 
 use super::ServiceError;
 use super::cache::EntryCache;
+use super::policies::RetentionPolicy;
 use crate::config::ManagedLedgerConfig;
 
 /// Metadata key of a topic's ledger list.
@@ -38,11 +44,30 @@ struct StoredList {
     ledgers: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LedgerInfo {
     id: u64,
     /// Last confirmed entry (-1: none yet).
     last_entry: i64,
+    /// Bytes of its confirmed entries' payloads.
+    bytes: u64,
+    /// When the ledger was created (ledger metadata `created_at_ms`; this broker's clock for
+    /// ledgers it creates).
+    created_at_ms: u64,
+}
+
+/// Most ledgers one retention pass deletes (the next pass continues).
+const MAX_LEDGERS_PER_TRIM: usize = 1000;
+
+/// What a retention pass deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Ledgers taken off the topic's list, oldest first.
+    pub ledgers: Vec<u64>,
+    /// Bytes of their entries.
+    pub bytes: u64,
+    /// Those of them whose deletion failed (left as orphans: listed nowhere, data on bookies).
+    pub orphaned: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -75,6 +100,11 @@ enum AppendCmd {
     },
     /// Stop at once: fail what is in flight with NotOwner, leave the ledger open.
     Abandon,
+    /// Take these closed ledgers off the list (never the current one); replies with those taken.
+    Trim {
+        ledger_ids: Vec<u64>,
+        reply: oneshot::Sender<Result<Vec<LedgerInfo>, ServiceError>>,
+    },
 }
 
 impl std::fmt::Debug for AppendCmd {
@@ -83,6 +113,7 @@ impl std::fmt::Debug for AppendCmd {
             AppendCmd::Append { payload, .. } => write!(f, "Append({} bytes)", payload.len()),
             AppendCmd::Close { .. } => f.write_str("Close"),
             AppendCmd::Abandon => f.write_str("Abandon"),
+            AppendCmd::Trim { ledger_ids, .. } => write!(f, "Trim({ledger_ids:?})"),
         }
     }
 }
@@ -131,10 +162,15 @@ impl ManagedLedger {
                 continue;
             }
             stored_bytes += md.length;
-            ledgers.push(LedgerInfo { id, last_entry: md.last_entry_id });
+            ledgers.push(LedgerInfo {
+                id,
+                last_entry: md.last_entry_id,
+                bytes: md.length,
+                created_at_ms: md.created_at_ms,
+            });
         }
         let writer = create_ledger(&client, &config, &topic).await?;
-        ledgers.push(LedgerInfo { id: writer.ledger_id(), last_entry: -1 });
+        ledgers.push(LedgerInfo { id: writer.ledger_id(), last_entry: -1, bytes: 0, created_at_ms: now_ms() });
         let new_list = StoredList { ledgers: ledgers.iter().map(|l| l.id).collect() };
         let version = match write_list(&store, &key, &new_list, version).await {
             Ok(v) => v,
@@ -217,6 +253,11 @@ impl ManagedLedger {
                 let _ = appends.send(AppendCmd::Abandon).await;
             });
         }
+    }
+
+    /// Ids of the topic's ledgers, oldest first (the last one is being written).
+    pub fn ledger_ids(&self) -> Vec<u64> {
+        self.lock().ledgers.iter().map(|l| l.id).collect()
     }
 
     /// Watches the last confirmed position (None: the topic is empty).
@@ -318,15 +359,16 @@ impl ManagedLedger {
 
     /// Reads one stored entry (for redeliveries).
     pub async fn read_entry(&self, pos: Position) -> Result<Option<Bytes>, ServiceError> {
-        if let Some(b) = self.cache.get(&pos) {
-            return Ok(Some(b));
-        }
         let exists = {
             let s = self.lock();
             s.ledgers.iter().any(|l| l.id == pos.ledger_id && pos.entry_id as i64 <= l.last_entry)
         };
         if !exists {
+            // Never stored, or trimmed by retention.
             return Ok(None);
+        }
+        if let Some(b) = self.cache.get(&pos) {
+            return Ok(Some(b));
         }
         Ok(self.read_from_bookies(pos.ledger_id, pos.entry_id, pos.entry_id).await?.pop().map(|e| e.payload()))
     }
@@ -351,8 +393,10 @@ impl ManagedLedger {
             };
             match reader.read(first, last).await {
                 Ok(entries) => return Ok(entries),
-                // The ensemble of an open ledger may have changed since the reader was opened.
-                Err(e) if attempt == 0 && !reader.metadata().is_closed() => {
+                // The ensemble may have changed since the reader was opened: an open ledger's
+                // writer replaces failed bookies, and auto-recovery replaces lost bookies in
+                // closed ledgers too.
+                Err(e) if attempt == 0 => {
                     warn!(topic = %self.topic, ledger_id, error = %e, "read failed; reopening the ledger");
                 }
                 Err(e) => return Err(e.into()),
@@ -366,6 +410,7 @@ impl ManagedLedger {
             let mut s = self.lock();
             if let Some(l) = s.ledgers.iter_mut().find(|l| l.id == pos.ledger_id) {
                 l.last_entry = l.last_entry.max(pos.entry_id as i64);
+                l.bytes += len as u64;
             }
             s.last_confirmed = Some(pos);
         }
@@ -379,12 +424,125 @@ impl ManagedLedger {
     }
 
     fn add_ledger(&self, id: u64) {
-        self.lock().ledgers.push(LedgerInfo { id, last_entry: -1 });
+        self.lock().ledgers.push(LedgerInfo { id, last_entry: -1, bytes: 0, created_at_ms: now_ms() });
+    }
+
+    /// The closed ledgers `policy` lets go of, given that every entry before `mark` is
+    /// acknowledged by every durable subscription; oldest first, at most [`MAX_LEDGERS_PER_TRIM`].
+    pub fn retention_candidates(&self, mark: Position, policy: &RetentionPolicy, now_ms: u64) -> Vec<u64> {
+        retention_candidates(&self.lock().ledgers, mark, policy, now_ms)
+    }
+
+    /// Applies a retention policy: takes the ledgers it lets go of off the topic's list
+    /// (compare-and-swap by the appender), then deletes them from the bookies and the metadata
+    /// store. Reads at their positions move on to the first remaining entry. `mark`: every entry
+    /// before it is acknowledged by every durable subscription (the slowest mark-delete position
+    /// plus one; the end position when there is none). The caller keeps `mark` valid (no
+    /// subscription may start before it) until `off_list` is called or dropped: once the ledgers
+    /// are off the list, before they are deleted.
+    pub async fn apply_retention(
+        &self,
+        mark: Position,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+        off_list: impl FnOnce(),
+    ) -> Result<Trimmed, ServiceError> {
+        let ids = self.retention_candidates(mark, policy, now_ms);
+        if ids.is_empty() {
+            return Ok(Trimmed::default());
+        }
+        let removed = self.remove_ledgers(ids).await?;
+        off_list();
+        Ok(self.delete_removed(removed).await)
+    }
+
+    /// Takes ledgers off the list (never the current one); returns those taken.
+    async fn remove_ledgers(&self, ledger_ids: Vec<u64>) -> Result<Vec<LedgerInfo>, ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ServiceError::Closed(self.topic.to_string());
+        self.appends.send(AppendCmd::Trim { ledger_ids, reply }).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Deletes ledgers already off the list; a failure leaves an orphan (logged).
+    async fn delete_removed(&self, removed: Vec<LedgerInfo>) -> Trimmed {
+        let mut trimmed = Trimmed::default();
+        for l in removed {
+            for e in 0..=l.last_entry {
+                self.cache.invalidate(&Position::new(l.id, e as u64));
+            }
+            self.forget_reader(l.id);
+            trimmed.ledgers.push(l.id);
+            trimmed.bytes += l.bytes;
+            match self.client.delete(l.id).await {
+                Ok(()) => {
+                    info!(topic = %self.topic, ledger_id = l.id, entries = l.last_entry + 1, bytes = l.bytes, "retention: ledger deleted")
+                }
+                Err(e) => {
+                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, "retention: delete ledger (off the list already: its data stays on the bookies as an orphan)");
+                    trimmed.orphaned.push(l.id);
+                }
+            }
+        }
+        trimmed
+    }
+
+    /// Forgets ledgers taken off the list (by the appender, after its compare-and-swap).
+    fn drop_ledgers(&self, ids: &[u64]) -> Vec<LedgerInfo> {
+        let removed: Vec<LedgerInfo> = {
+            let mut s = self.lock();
+            let (gone, keep) = s.ledgers.iter().partition(|l| ids.contains(&l.id));
+            s.ledgers = keep;
+            gone
+        };
+        let bytes: u64 = removed.iter().map(|l| l.bytes).sum();
+        let _ = self.stored_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some(b.saturating_sub(bytes)),
+        );
+        removed
     }
 
     fn forget_reader(&self, ledger_id: u64) {
         self.readers.lock().unwrap_or_else(|p| p.into_inner()).remove(&ledger_id);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// See [`ManagedLedger::retention_candidates`]. `ledgers` is the topic's list, in order; its last
+/// ledger is the current one. A closed ledger counts as acknowledged once `mark` is in a later
+/// ledger. Its age is counted from the creation of the ledger after it (the rollover or load that
+/// ended it), so none of its entries is younger than that. Sizes are summed from the newest
+/// acknowledged ledger backwards. A ledger goes when it is older than `policy.time` or when it
+/// takes that sum beyond `policy.size`; the result is a prefix of the list.
+fn retention_candidates(ledgers: &[LedgerInfo], mark: Position, policy: &RetentionPolicy, now_ms: u64) -> Vec<u64> {
+    if policy.is_unlimited() || ledgers.len() < 2 {
+        return Vec::new();
+    }
+    let closed = &ledgers[..ledgers.len() - 1];
+    let acked = closed.iter().take_while(|l| l.id < mark.ledger_id).count();
+    // Index of the newest acknowledged ledger that takes the size beyond the limit.
+    let over_size = policy.size.and_then(|limit| {
+        let mut sum = 0u64;
+        (0..acked).rev().find(|&i| {
+            sum = sum.saturating_add(closed[i].bytes);
+            sum > limit.as_u64()
+        })
+    });
+    let mut out = Vec::new();
+    for i in 0..acked.min(MAX_LEDGERS_PER_TRIM) {
+        let ended_ms = ledgers[i + 1].created_at_ms;
+        let expired = policy.time.is_some_and(|t| now_ms.saturating_sub(ended_ms) as u128 > t.as_millis());
+        if !(expired || over_size.is_some_and(|k| i <= k)) {
+            break;
+        }
+        out.push(closed[i].id);
+    }
+    out
 }
 
 fn end_of(s: &State) -> Position {
@@ -522,11 +680,17 @@ impl Appender {
                                 AppendCmd::Close { reply } => {
                                     let _ = reply.send(());
                                 }
+                                AppendCmd::Trim { reply, .. } => {
+                                    let _ = reply.send(Err(not_owner()));
+                                }
                                 AppendCmd::Abandon => {}
                             }
                         }
                         info!(%topic, ledger_id = self.writer.ledger_id(), "appends abandoned: ownership lost");
                         return;
+                    }
+                    Some(AppendCmd::Trim { ledger_ids, reply }) => {
+                        let _ = reply.send(self.trim(&ledger_ids).await);
                     }
                     None => return,
                 }
@@ -611,6 +775,21 @@ impl Appender {
         true
     }
 
+    /// Takes closed ledgers off the list by compare-and-swap on the list's version, then out of
+    /// the in-memory state. The current ledger stays whatever is asked.
+    async fn trim(&mut self, ledger_ids: &[u64]) -> Result<Vec<LedgerInfo>, ServiceError> {
+        let Some(ml) = self.ml.upgrade() else { return Err(ServiceError::Closed(String::new())) };
+        let current = self.writer.ledger_id();
+        let listed: Vec<u64> = ml.lock().ledgers.iter().map(|l| l.id).collect();
+        let (gone, keep): (Vec<u64>, Vec<u64>) =
+            listed.into_iter().partition(|id| *id != current && ledger_ids.contains(id));
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.version = write_list(&self.store, &self.key, &StoredList { ledgers: keep }, Some(self.version)).await?;
+        Ok(ml.drop_ledgers(&gone))
+    }
+
     fn should_roll_over(&self) -> bool {
         self.entries >= self.config.rollover_max_entries
             || self.bytes >= self.config.rollover_max_bytes.as_u64()
@@ -647,5 +826,72 @@ impl Appender {
         self.entries = 0;
         self.bytes = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytesize::ByteSize;
+
+    use super::*;
+
+    /// Ledgers 1, 2, 3 (closed, 100 bytes each, created at 0, 1000, 2000 ms) and 4 (current,
+    /// created at 3000 ms).
+    fn ledgers() -> Vec<LedgerInfo> {
+        (1..=4)
+            .map(|id| LedgerInfo {
+                id,
+                last_entry: if id == 4 { -1 } else { 9 },
+                bytes: if id == 4 { 0 } else { 100 },
+                created_at_ms: (id - 1) * 1000,
+            })
+            .collect()
+    }
+
+    fn policy(time_ms: Option<u64>, size: Option<u64>) -> RetentionPolicy {
+        RetentionPolicy { time: time_ms.map(Duration::from_millis), size: size.map(ByteSize::b) }
+    }
+
+    #[test]
+    fn retention_takes_only_acknowledged_closed_ledgers_oldest_first() {
+        let l = ledgers();
+        let all_acked = Position::new(4, 0);
+        let keep_nothing = policy(None, Some(0));
+        assert_eq!(retention_candidates(&l, all_acked, &keep_nothing, 10_000), [1, 2, 3], "never the current one");
+        assert_eq!(retention_candidates(&l, Position::new(3, 5), &keep_nothing, 10_000), [1, 2], "3 is not acked");
+        assert_eq!(retention_candidates(&l, Position::new(1, 9), &keep_nothing, 10_000), Vec::<u64>::new());
+        assert_eq!(retention_candidates(&l, all_acked, &policy(None, None), 10_000), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn retention_time_counts_from_the_next_ledgers_creation() {
+        let l = ledgers();
+        let acked = Position::new(4, 0);
+        // Ledger 1 ended at 1000 ms, 2 at 2000 ms, 3 at 3000 ms.
+        let keep_1500ms = policy(Some(1500), None);
+        assert_eq!(retention_candidates(&l, acked, &keep_1500ms, 3000), [1]);
+        assert_eq!(retention_candidates(&l, acked, &keep_1500ms, 3501), [1, 2]);
+        assert_eq!(retention_candidates(&l, acked, &keep_1500ms, 100_000), [1, 2, 3]);
+    }
+
+    #[test]
+    fn retention_size_counts_back_from_the_newest_acknowledged_ledger() {
+        let l = ledgers();
+        // 250 bytes keep ledgers 3 and 2 (200 bytes); 1 would make 300.
+        assert_eq!(retention_candidates(&l, Position::new(4, 0), &policy(None, Some(250)), 0), [1]);
+        // With 3 unacknowledged, the acknowledged ones are 1 and 2: both fit.
+        assert_eq!(retention_candidates(&l, Position::new(3, 0), &policy(None, Some(250)), 0), Vec::<u64>::new());
+        // Either rule is enough: time takes 1 and 2 although size would keep 2.
+        assert_eq!(retention_candidates(&l, Position::new(4, 0), &policy(Some(1500), Some(250)), 3501), [1, 2]);
+    }
+
+    #[test]
+    fn a_zero_size_policy_is_valid_and_keeps_nothing_acknowledged() {
+        let p: super::super::policies::NamespacePolicies =
+            serde_json::from_str(r#"{"retention":{"size":"0B"}}"#).expect("parses");
+        p.validate(&crate::config::BrokerConfig::default()).expect("valid");
+        assert_eq!(retention_candidates(&ledgers(), Position::new(4, 0), &p.retention, 0), [1, 2, 3]);
     }
 }

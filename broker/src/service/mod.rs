@@ -389,8 +389,10 @@ async fn guard(service: std::sync::Weak<BrokerService>, mut state: watch::Receiv
                     me.ownership.resume(lease);
                 }
                 drop(me);
+                // Past the stop point only a renewal (or the loss) changes anything.
+                let before_stop = stop_at > std::time::Instant::now();
                 tokio::select! {
-                    _ = tokio::time::sleep_until(stop_at.into()) => {}
+                    _ = tokio::time::sleep_until(stop_at.into()), if before_stop => {}
                     r = state.changed() => if r.is_err() { return },
                 }
             }

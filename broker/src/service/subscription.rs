@@ -10,11 +10,17 @@
 //!   its join is acknowledged, so per-key order holds while keys move.
 //!
 //! Entries that cannot go out now (no permits, or held for ordering) wait in the replay set,
-//! which is served first and in position order. Redeliveries (negative acks, disconnects) go there
-//! too, with their redelivery count raised. Permits count messages; a batch of n uses n.
+//! which is served first and in position order. Redeliveries (negative acks, disconnects, ack
+//! timeouts) go there too, with their redelivery count raised. Permits count messages; a batch of
+//! n uses n.
+//!
+//! Ack timeout: an entry delivered to a consumer that has one gets a deadline, kept in a set
+//! ordered by deadline; one timer wakes the task for the earliest. An acknowledgement or a
+//! redelivery removes the deadline. Deadlines are bounded like the pending entries: by permits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_common::batch;
@@ -22,6 +28,7 @@ use magnetar_common::ids::Position;
 use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version};
 use magnetar_common::wire::SubscriptionType;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::ServiceError;
@@ -45,6 +52,9 @@ pub struct ConsumerSpec {
     pub name: String,
     pub priority: i32,
     pub subscription_type: SubscriptionType,
+    /// Entries this consumer has not acknowledged this long after their delivery are redelivered
+    /// (None: never).
+    pub ack_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -74,6 +84,13 @@ pub(super) enum SubCmd {
     /// last persisted.
     Close {
         persist: bool,
+        reply: oneshot::Sender<()>,
+    },
+    /// Moves the cursor (admin reset or skip): everything before `position` counts as
+    /// acknowledged, nothing after it; consumers are detached (they reconnect and read from
+    /// there). Answered once the new cursor is persisted.
+    Reset {
+        position: Position,
         reply: oneshot::Sender<()>,
     },
 }
@@ -124,6 +141,9 @@ struct Actor {
     read_pos: Position,
     replay: BTreeSet<Position>,
     pending: BTreeMap<Position, ConsumerId>,
+    /// Ack timeout: deadlines of pending entries (earliest first) and each such entry's deadline.
+    deadlines: BTreeSet<(Instant, Position)>,
+    deadline_of: HashMap<Position, Instant>,
     /// key_shared: entries out with a consumer per key hash, and each pending entry's hash.
     pending_keys: HashMap<u32, (ConsumerId, u32)>,
     pending_hash: HashMap<Position, u32>,
@@ -133,6 +153,8 @@ struct Actor {
     rr: ConsumerId,
     active: Option<ConsumerId>,
     ring: BTreeMap<u32, ConsumerId>,
+    /// Admin resets answered once the cursor is persisted.
+    persist_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl Subscription {
@@ -146,6 +168,8 @@ impl Subscription {
             read_pos,
             replay: BTreeSet::new(),
             pending: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
             pending_keys: HashMap::new(),
             pending_hash: HashMap::new(),
             redeliveries: HashMap::new(),
@@ -154,6 +178,7 @@ impl Subscription {
             rr: 0,
             active: None,
             ring: BTreeMap::new(),
+            persist_waiters: Vec::new(),
         };
         tokio::spawn(actor.run(rx));
         tx
@@ -190,7 +215,18 @@ impl Actor {
         let mut confirmed = self.s.ml.subscribe_confirmed();
         let mut persist = tokio::time::interval(self.s.ledger.cursor_persist_interval);
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the earliest ack-timeout deadline, reset when that changes.
+        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_timer);
+        let mut armed: Option<Instant> = None;
         loop {
+            let earliest = self.deadlines.first().map(|(t, _)| *t);
+            if earliest != armed {
+                if let Some(t) = earliest {
+                    ack_timer.as_mut().reset(t);
+                }
+                armed = earliest;
+            }
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -224,6 +260,16 @@ impl Actor {
                         self.persist_now().await;
                     }
                     continue;
+                }
+                () = &mut ack_timer, if armed.is_some() => {
+                    armed = None;
+                    self.expire_ack_timeouts(Instant::now());
+                }
+            }
+            if !self.persist_waiters.is_empty() {
+                self.persist_now().await;
+                for w in self.persist_waiters.drain(..) {
+                    let _ = w.send(());
                 }
             }
             self.publish_stats();
@@ -272,6 +318,10 @@ impl Actor {
                 self.requeue(mine);
             }
             SubCmd::Close { .. } => {}
+            SubCmd::Reset { position, reply } => {
+                self.reset(position);
+                self.persist_waiters.push(reply);
+            }
         }
     }
 
@@ -305,6 +355,24 @@ impl Actor {
         Ok((id, rx))
     }
 
+    /// Starts over at `position`: a fresh cursor, nothing pending or held back, no consumers
+    /// (dropping their event senders ends their streams; they attach again).
+    fn reset(&mut self, position: Position) {
+        self.s.cursor = Cursor::new(position);
+        self.read_pos = position;
+        self.replay.clear();
+        self.pending.clear();
+        self.deadlines.clear();
+        self.deadline_of.clear();
+        self.pending_keys.clear();
+        self.pending_hash.clear();
+        self.redeliveries.clear();
+        self.consumers.clear();
+        self.active = None;
+        self.ring.clear();
+        self.dirty = true;
+    }
+
     fn detach(&mut self, id: ConsumerId) {
         if self.consumers.remove(&id).is_none() {
             return;
@@ -318,10 +386,36 @@ impl Actor {
     fn requeue(&mut self, positions: Vec<Position>) {
         self.release_keys(positions.clone());
         for p in positions {
-            if self.pending.remove(&p).is_some() {
+            if self.unpend(p).is_some() {
                 *self.redeliveries.entry(p).or_insert(0) += 1;
                 self.replay.insert(p);
             }
+        }
+    }
+
+    /// Takes an entry off its consumer's pending set (and its ack-timeout deadline).
+    fn unpend(&mut self, p: Position) -> Option<ConsumerId> {
+        if let Some(t) = self.deadline_of.remove(&p) {
+            self.deadlines.remove(&(t, p));
+        }
+        self.pending.remove(&p)
+    }
+
+    /// Redelivers every entry whose ack-timeout deadline is at or before `now`, like a negative
+    /// acknowledgement: to its consumer again or to another, as the subscription type allows.
+    fn expire_ack_timeouts(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        while let Some(&(t, p)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.deadline_of.remove(&p);
+            expired.push(p);
+        }
+        if !expired.is_empty() {
+            debug!(topic = %self.s.topic_path, subscription = %self.s.name, entries = expired.len(), "ack timeout: redelivering");
+            self.requeue(expired);
         }
     }
 
@@ -355,7 +449,7 @@ impl Actor {
                         let theirs: Vec<Position> =
                             self.pending.iter().filter(|(_, c)| **c == old).map(|(p, _)| *p).collect();
                         for p in theirs {
-                            self.pending.remove(&p);
+                            self.unpend(p);
                             self.replay.insert(p);
                         }
                     }
@@ -393,14 +487,17 @@ impl Actor {
             if cumulative {
                 self.s.cursor.ack_cumulative(p, normalize);
                 let after = Position::new(p.ledger_id, p.entry_id.saturating_add(1));
-                self.release_keys(self.pending.range(..after).map(|(q, _)| *q).collect());
-                self.pending = self.pending.split_off(&after);
+                let done: Vec<Position> = self.pending.range(..after).map(|(q, _)| *q).collect();
+                self.release_keys(done.clone());
+                for q in done {
+                    self.unpend(q);
+                }
                 self.replay = self.replay.split_off(&after);
                 self.redeliveries.retain(|q, _| *q >= after);
             } else {
                 self.s.cursor.ack(p, normalize);
                 self.release_keys(vec![p]);
-                self.pending.remove(&p);
+                self.unpend(p);
                 self.replay.remove(&p);
                 self.redeliveries.remove(&p);
             }
@@ -562,6 +659,13 @@ impl Actor {
             return false;
         }
         c.permits -= num_messages;
+        if let Some(timeout) = c.spec.ack_timeout {
+            let deadline = Instant::now() + timeout;
+            self.deadlines.insert((deadline, p));
+            if let Some(old) = self.deadline_of.insert(p, deadline) {
+                self.deadlines.remove(&(old, p));
+            }
+        }
         self.pending.insert(p, target);
         if let Some(hash) = key_hash {
             self.pending_keys.entry(hash).or_insert((target, 0)).1 += 1;
