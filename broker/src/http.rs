@@ -54,6 +54,7 @@ pub(crate) fn router(service: Arc<BrokerService>) -> Router {
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/lookup", get(lookup))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/stats", get(topic_stats))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/unload", post(unload_topic))
+        .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/retention", post(apply_retention))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/subscriptions", get(subscriptions))
         .route(
             "/admin/v1/topics/{tenant}/{namespace}/{topic}/subscriptions/{subscription}",
@@ -418,6 +419,21 @@ async fn unload_topic(
             magnetar_common::topic::TopicName::parse(&topic).map_err(|e| ServiceError::InvalidTopic(e.to_string()))?;
         let unloaded = s.service.unload(&name).await;
         ok(json!({ "topic": name.to_string(), "unloaded": unloaded }))
+    })
+}
+
+async fn apply_retention(
+    State(s): State<AppState>,
+    Path(p): Path<TopicPath>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let topic = p.name();
+    on_owner!(s, topic, method, uri, headers, body, {
+        let t = s.service.apply_retention(&topic).await?;
+        ok(json!({ "deleted_ledgers": t.ledgers, "deleted_bytes": t.bytes, "orphaned_ledgers": t.orphaned }))
     })
 }
 

@@ -333,6 +333,11 @@ impl BrokerService {
         Ok(())
     }
 
+    /// Applies the namespace's retention policy to a topic now (it also runs periodically).
+    pub async fn apply_retention(&self, topic: &str) -> Result<super::managed_ledger::Trimmed, ServiceError> {
+        self.existing_topic(topic).await?.apply_retention().await
+    }
+
     /// Names of the topics loaded on this broker, sorted.
     pub fn loaded_topic_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.loaded_topics().iter().map(|t| t.name().to_string()).collect();
