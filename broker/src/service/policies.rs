@@ -222,15 +222,11 @@ impl Policies {
         Ok((p, v.version))
     }
 
-    /// The policies of an existing namespace, or TopicNotFound naming what is missing.
+    /// The policies of the namespace a topic is in, or NotFound naming the missing namespace
+    /// ("namespace T/N does not exist": on the wire, code TopicNotFound; over HTTP, 404).
+    /// Not TopicNotFound, whose message is about a missing topic with automatic creation off.
     pub async fn for_topic(&self, tenant: &str, namespace: &str) -> Result<NamespacePolicies, ServiceError> {
-        match self.namespace(tenant, namespace).await {
-            Ok((p, _)) => Ok(p),
-            Err(ServiceError::NotFound(what)) => Err(ServiceError::TopicNotFound(format!(
-                "{what} does not exist; create it with `magnetar admin namespaces create {tenant}/{namespace}`"
-            ))),
-            Err(e) => Err(e),
-        }
+        Ok(self.namespace(tenant, namespace).await?.0)
     }
 
     pub async fn create_namespace(
