@@ -1,5 +1,6 @@
 //! The `magnetar` binary: every role and tool behind one command.
 
+mod admin;
 mod bookie;
 mod broker;
 mod client_cmd;
@@ -48,6 +49,9 @@ enum Command {
     Consume(client_cmd::ConsumeArgs),
     /// Load-test tools.
     Perf(magnetar_benches::cli::PerfArgs),
+    /// Administer a cluster through a broker's admin HTTP API: tenants, namespaces, topics,
+    /// subscriptions, brokers, bookies.
+    Admin(admin::AdminArgs),
 }
 
 fn init_logging() {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => client_cmd::produce(args).await,
             Command::Consume(args) => client_cmd::consume(args).await,
             Command::Perf(args) => magnetar_benches::cli::run(args).await,
+            Command::Admin(args) => admin::run(args).await,
         }
     });
     match result {
