@@ -21,6 +21,10 @@ pub struct BookieArgs {
 pub async fn run(args: BookieArgs) -> anyhow::Result<()> {
     if let Some(path) = args.check_config {
         let cfg: BookieConfig = config::load(Some(&path)).with_context(|| format!("check {}", path.display()))?;
+        // The form of the URL (etcd endpoints as host:port), which the config struct leaves to
+        // connecting; nothing is contacted.
+        magnetar_common::metadata::parse_url(&cfg.metadata_url)
+            .with_context(|| format!("check {}: metadata_url", path.display()))?;
         println!(
             "{}: valid bookie configuration (metadata {}, journal {}, ledgers {})",
             path.display(),

@@ -20,6 +20,10 @@ pub struct BrokerArgs {
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(path) = args.check_config {
         let cfg: BrokerConfig = config::load(Some(&path)).with_context(|| format!("check {}", path.display()))?;
+        // The form of the URL (etcd endpoints as host:port), which the config struct leaves to
+        // connecting; nothing is contacted.
+        magnetar_common::metadata::parse_url(&cfg.metadata_url)
+            .with_context(|| format!("check {}: metadata_url", path.display()))?;
         println!(
             "{}: valid broker configuration (metadata {}, QUIC {}, HTTP {})",
             path.display(),

@@ -74,10 +74,18 @@ impl EtcdStore {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
             .with_keep_alive_while_idle(false);
-        let client = request("connect to etcd", None, Client::connect(endpoints, Some(options))).await?;
+        // Name the endpoints: the transport's errors name at most the last address it tried.
+        let at = |e: MetadataError| match e {
+            MetadataError::Unavailable(m) => {
+                MetadataError::Unavailable(format!("etcd at {}: {m}", endpoints.join(", ")))
+            }
+            MetadataError::Invalid(m) => MetadataError::Invalid(format!("etcd at {}: {m}", endpoints.join(", "))),
+            other => other,
+        };
+        let client = request("connect to etcd", None, Client::connect(endpoints, Some(options))).await.map_err(at)?;
         let store = EtcdStore { client, endpoints: endpoints.to_vec(), root: root.to_owned() };
         let mut maintenance = store.client.maintenance_client();
-        request("reach etcd", None, maintenance.status()).await?;
+        request("reach etcd", None, maintenance.status()).await.map_err(at)?;
         tracing::info!(endpoints = ?store.endpoints, root = %store.root, "connected to etcd");
         Ok(store)
     }

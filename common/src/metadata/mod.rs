@@ -194,37 +194,99 @@ pub trait MetadataStore: Send + Sync + Debug + 'static {
 /// Shared handle to a metadata store.
 pub type SharedStore = Arc<dyn MetadataStore>;
 
-/// Opens a store from a URL:
-/// - `etcd://host:port[,host:port...][/root]`: etcd, keys placed under `/root` (default `/magnetar`);
-/// - `embedded:///absolute/dir` or `embedded:relative/dir`: the embedded durable store in `dir`.
-pub async fn connect(url: &str) -> Result<SharedStore> {
+/// Where a metadata URL points, parsed without connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// etcd endpoints (`http://host:port`) and the key root (`/magnetar` by default; empty for none).
+    Etcd { endpoints: Vec<String>, root: String },
+    /// The embedded store's directory.
+    Embedded { dir: std::path::PathBuf },
+}
+
+/// Parses a metadata URL (see [`connect`]) and checks its form: every etcd endpoint must be
+/// `host:port` with a port from 1 to 65535. [`MetadataError::Invalid`] names what is wrong.
+pub fn parse_url(url: &str) -> Result<StoreUrl> {
     if let Some(rest) = url.strip_prefix("etcd://") {
         let (hosts, root) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/magnetar"),
         };
-        let endpoints: Vec<String> =
-            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let port_ok =
+                host.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !port_ok {
+                return Err(MetadataError::Invalid(format!(
+                    "metadata URL {url:?}: etcd endpoint {host:?} must be host:port (etcd listens on 2379 by default)"
+                )));
+            }
+            endpoints.push(format!("http://{host}"));
+        }
         if endpoints.is_empty() {
-            return Err(MetadataError::Invalid(format!("metadata URL {url:?} names no etcd endpoint")));
+            return Err(MetadataError::Invalid(format!(
+                "metadata URL {url:?} names no etcd endpoint (expected etcd://host:port[,host:port]/root)"
+            )));
         }
         let root = if root == "/" { "" } else { root.trim_end_matches('/') };
-        Ok(Arc::new(etcd::EtcdStore::connect(&endpoints, root).await?))
+        Ok(StoreUrl::Etcd { endpoints, root: root.to_owned() })
     } else if let Some(rest) = url.strip_prefix("embedded:") {
         let path = rest.strip_prefix("//").unwrap_or(rest);
         if path.is_empty() {
             return Err(MetadataError::Invalid(format!("metadata URL {url:?} names no directory")));
         }
-        // Opening reads and may repair the database file: keep it off the async workers.
-        let dir = std::path::PathBuf::from(path);
-        let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir))
-            .await
-            .map_err(|e| MetadataError::Storage(format!("open embedded store: {e}")))??;
-        Ok(Arc::new(store))
+        Ok(StoreUrl::Embedded { dir: std::path::PathBuf::from(path) })
     } else {
         Err(MetadataError::Invalid(format!("metadata URL {url:?} must start with etcd:// or embedded:")))
     }
 }
 
+/// Opens a store from a URL:
+/// - `etcd://host:port[,host:port...][/root]`: etcd, keys placed under `/root` (default `/magnetar`);
+/// - `embedded:///absolute/dir` or `embedded:relative/dir`: the embedded durable store in `dir`.
+pub async fn connect(url: &str) -> Result<SharedStore> {
+    match parse_url(url)? {
+        StoreUrl::Etcd { endpoints, root } => Ok(Arc::new(etcd::EtcdStore::connect(&endpoints, &root).await?)),
+        StoreUrl::Embedded { dir } => {
+            // Opening reads and may repair the database file: keep it off the async workers.
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir))
+                .await
+                .map_err(|e| MetadataError::Storage(format!("open embedded store: {e}")))??;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_urls_parse_and_bad_ones_say_why() {
+        let etcd = |e: &[&str], root: &str| StoreUrl::Etcd {
+            endpoints: e.iter().map(|h| format!("http://{h}")).collect(),
+            root: root.into(),
+        };
+        assert_eq!(parse_url("etcd://127.0.0.1:2379").expect("ok"), etcd(&["127.0.0.1:2379"], "/magnetar"));
+        assert_eq!(parse_url("etcd://a:1,[::1]:2379/m/").expect("ok"), etcd(&["a:1", "[::1]:2379"], "/m"));
+        assert_eq!(parse_url("etcd://a:1/").expect("ok"), etcd(&["a:1"], ""));
+        assert_eq!(
+            parse_url("embedded:///tmp/m").expect("ok"),
+            StoreUrl::Embedded { dir: std::path::PathBuf::from("/tmp/m") }
+        );
+        for (url, says) in [
+            ("etcd:///magnetar", "names no etcd endpoint"),
+            ("etcd://127.0.0.1:abc/m", "\"127.0.0.1:abc\" must be host:port"),
+            ("etcd://127.0.0.1/m", "\"127.0.0.1\" must be host:port"),
+            ("etcd://a:2379,b:0/m", "\"b:0\" must be host:port"),
+            ("etcd://:2379/m", "\":2379\" must be host:port"),
+            ("embedded:", "names no directory"),
+            ("zk://127.0.0.1:2181", "must start with etcd:// or embedded:"),
+        ] {
+            let err = parse_url(url).expect_err(url).to_string();
+            assert!(err.contains(says), "{url}: {err}");
+        }
+    }
+}
