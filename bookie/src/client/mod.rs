@@ -7,7 +7,10 @@
 //! - [`LedgerClient::open`] reads a ledger with fallback across replicas.
 //! - [`LedgerClient::open_for_recovery`] fences the last ensemble, recovers the tail, and closes
 //!   the ledger, so its previous writer can add nothing more.
+//! - [`AutoRecovery`] re-replicates, in the background, the copies that ledgers lost with a dead
+//!   bookie.
 
+pub mod autorecovery;
 pub mod conn;
 pub mod meta;
 mod reader;
@@ -23,6 +26,7 @@ use magnetar_common::bookie_proto::{Request, Status};
 use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore};
 use serde::{Deserialize, Serialize};
 
+pub use autorecovery::{AutoRecovery, AutoRecoveryConfig, AutoRecoveryMetrics};
 pub use meta::{Fragment, LedgerMetadata, LedgerState};
 pub use reader::LedgerReader;
 pub use registry::BookieRegistry;

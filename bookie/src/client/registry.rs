@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use magnetar_common::metadata::{SharedStore, WatchEvent};
 use rand::seq::SliceRandom;
+use tokio::sync::watch;
 use tracing::warn;
 
 use super::LedgerError;
@@ -21,6 +22,8 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct BookieRegistry {
     state: Arc<RwLock<State>>,
+    /// Bumped after every change of the live set (auto-recovery scans on it).
+    changes: Arc<watch::Sender<u64>>,
     _task: Arc<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
@@ -33,29 +36,35 @@ impl BookieRegistry {
         let state = Arc::new(RwLock::new(State::default()));
         let watch = store.watch(AVAILABLE_PREFIX).await?;
         apply_initial(&state, &watch.initial);
+        let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let st = state.clone();
+        let tx = changes.clone();
         let task = tokio::spawn(async move {
             let mut events = watch.events;
             loop {
                 while let Some(ev) = events.recv().await {
-                    let mut s = st.write().unwrap_or_else(|p| p.into_inner());
-                    match ev {
-                        WatchEvent::Put(kv) => {
-                            if let Ok(r) = serde_json::from_slice::<Registration>(&kv.value) {
-                                s.known.insert(r.bookie_id.clone(), r.address.clone());
-                                s.live.insert(r.bookie_id.clone(), r);
+                    {
+                        let mut s = st.write().unwrap_or_else(|p| p.into_inner());
+                        match ev {
+                            WatchEvent::Put(kv) => {
+                                if let Ok(r) = serde_json::from_slice::<Registration>(&kv.value) {
+                                    s.known.insert(r.bookie_id.clone(), r.address.clone());
+                                    s.live.insert(r.bookie_id.clone(), r);
+                                }
+                            }
+                            WatchEvent::Delete { key } => {
+                                s.live.remove(id_of(&key));
                             }
                         }
-                        WatchEvent::Delete { key } => {
-                            s.live.remove(id_of(&key));
-                        }
                     }
+                    tx.send_modify(|n| *n += 1);
                 }
                 // The watch ended (store connection lost): watch again from a fresh listing.
                 loop {
                     match store.watch(AVAILABLE_PREFIX).await {
                         Ok(w) => {
                             apply_initial(&st, &w.initial);
+                            tx.send_modify(|n| *n += 1);
                             events = w.events;
                             break;
                         }
@@ -67,7 +76,13 @@ impl BookieRegistry {
                 }
             }
         });
-        Ok(Self { state, _task: Arc::new(tokio_util::task::AbortOnDropHandle::new(task)) })
+        Ok(Self { state, changes, _task: Arc::new(tokio_util::task::AbortOnDropHandle::new(task)) })
+    }
+
+    /// A receiver that sees a new value after every change of the live set (a registration
+    /// added, updated or gone, or the watch restarted).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Live bookies.

@@ -29,6 +29,9 @@ type Reply1 = oneshot::Sender<Result<u64, LedgerError>>;
 const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// ...this many times for one entry (about 5 s), then replaced like a failed bookie.
 const MAX_OVERLOADED_RETRIES: u32 = 100;
+/// Compare-and-swap attempts of a close that conflicts with auto-recovery's changes to earlier
+/// fragments (each conflict is one fragment repaired meanwhile).
+const MAX_CLOSE_ATTEMPTS: usize = 64;
 
 enum Cmd {
     Append { payload: Bytes, reply: Reply1 },
@@ -465,18 +468,37 @@ impl Actor {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let mut md = self.md.clone();
-        md.state = LedgerState::Closed;
-        md.last_entry_id = self.lac;
-        md.length = self.length;
-        match meta::cas(&self.shared.store, &md, self.version).await {
-            Ok(v) => {
-                self.md = md.clone();
-                self.version = v;
-                Ok(md)
+        for _ in 0..MAX_CLOSE_ATTEMPTS {
+            let mut md = self.md.clone();
+            md.state = LedgerState::Closed;
+            md.last_entry_id = self.lac;
+            md.length = self.length;
+            match meta::cas(&self.shared.store, &md, self.version).await {
+                Ok(v) => {
+                    self.md = md.clone();
+                    self.version = v;
+                    return Ok(md);
+                }
+                Err(MetadataError::Conflict { .. }) => {
+                    // Auto-recovery may have replaced a lost bookie in an earlier fragment; it
+                    // never touches the last one while the ledger is open. Anything else means
+                    // another client took the ledger over.
+                    let (fresh, v) = meta::read(&self.shared.store, self.md.ledger_id).await?;
+                    if fresh.state != LedgerState::Open
+                        || fresh.fragments.len() != self.md.fragments.len()
+                        || fresh.last_fragment() != self.md.last_fragment()
+                    {
+                        return Err(LedgerError::Fenced(self.md.ledger_id));
+                    }
+                    self.md = fresh;
+                    self.version = v;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(MetadataError::Conflict { .. }) => Err(LedgerError::Fenced(md.ledger_id)),
-            Err(e) => Err(e.into()),
         }
+        Err(LedgerError::Unavailable(format!(
+            "ledger {} metadata kept changing while closing; retry",
+            self.md.ledger_id
+        )))
     }
 }
