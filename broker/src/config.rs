@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use magnetar_bookie::client::LedgerClientConfig;
+use magnetar_bookie::client::{AutoRecoveryConfig, LedgerClientConfig};
 use magnetar_common::config::{ConfigError, RoleConfig};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,9 @@ pub struct BrokerConfig {
     pub cache_bytes: ByteSize,
     pub ledger_client: LedgerClientConfig,
     pub cluster: ClusterConfig,
+    /// Re-replication of ledger copies lost with a dead bookie (one broker of the cluster at a
+    /// time audits; see docs/ledgers.md).
+    pub autorecovery: AutoRecoveryConfig,
 }
 
 /// Ownership of topics by brokers: bundles, leases, placement.
@@ -141,6 +144,7 @@ impl Default for BrokerConfig {
             cache_bytes: ByteSize::mib(128),
             ledger_client: LedgerClientConfig::default(),
             cluster: ClusterConfig::default(),
+            autorecovery: AutoRecoveryConfig::default(),
         }
     }
 }
@@ -256,6 +260,7 @@ impl RoleConfig for BrokerConfig {
                 c.default_bundles
             ));
         }
+        self.autorecovery.validate().map_err(ConfigError)?;
         Ok(())
     }
 }

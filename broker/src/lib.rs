@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_bookie::client::{LedgerClient, LedgerError};
+use magnetar_bookie::client::{AutoRecovery, LedgerClient, LedgerError};
 use magnetar_common::metadata::SharedStore;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -44,6 +44,7 @@ pub struct Broker {
     http: JoinHandle<()>,
     http_addr: SocketAddr,
     cert: tls::CertFiles,
+    autorecovery: Option<AutoRecovery>,
 }
 
 impl Broker {
@@ -52,7 +53,13 @@ impl Broker {
         let cert = tls::cert_files(&config.tls_cert_file, &config.tls_key_file, &config.data_dir.join("tls"))?;
         let server_tls = tls::server_config(&cert)?;
         let ledgers = LedgerClient::new(store.clone(), config.ledger_client.clone()).await?;
-        let service = BrokerService::new(config.clone(), store, ledgers, Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        // Re-replicates copies lost with dead bookies; one broker of the cluster at a time audits.
+        let autorecovery = config
+            .autorecovery
+            .enabled
+            .then(|| AutoRecovery::start(&ledgers, config.autorecovery.clone(), metrics.autorecovery.clone()));
+        let service = BrokerService::new(config.clone(), store, ledgers, metrics);
         let quic = quic::QuicServer::start(&config, server_tls, service.clone())
             .map_err(|source| StartError::Quic { addr: config.quic_addr, source })?;
         let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -75,7 +82,7 @@ impl Broker {
             }
         });
         info!(quic = %quic.local_addr(), http = %http_addr, "broker started");
-        Ok(Self { service, quic, http, http_addr, cert })
+        Ok(Self { service, quic, http, http_addr, cert, autorecovery })
     }
 
     pub fn quic_addr(&self) -> SocketAddr {
@@ -98,6 +105,9 @@ impl Broker {
     /// Drains: stops taking requests, answers publishes in flight, persists cursors and closes
     /// ledgers, then closes connections.
     pub async fn shutdown(self) {
+        if let Some(a) = self.autorecovery {
+            a.shutdown().await;
+        }
         // Topics first: their clients are told to look them up again, and the lease is revoked
         // so another broker takes them at once; then the connections close.
         self.service.shutdown().await;

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use magnetar_bookie::client::AutoRecoveryMetrics;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabel {
     pub topic: String,
@@ -22,6 +24,8 @@ pub struct SubscriptionLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Auto-recovery's gauges and counters (`under_replicated_ledgers`, `autorecovery_*`).
+    pub autorecovery: AutoRecoveryMetrics,
     pub messages_in: Family<TopicLabel, Counter>,
     pub bytes_in: Family<TopicLabel, Counter>,
     pub messages_out: Family<TopicLabel, Counter>,
@@ -64,6 +68,7 @@ impl Metrics {
             publish_memory_bytes: Gauge::default(),
             lease_suspensions: Counter::default(),
             owned_bundles: Gauge::default(),
+            autorecovery: AutoRecoveryMetrics::default(),
             registry: Registry::default(),
         };
         registry.register("messages_in", "Messages published and stored", m.messages_in.clone());
@@ -100,6 +105,7 @@ impl Metrics {
             m.lease_suspensions.clone(),
         );
         registry.register("owned_bundles", "Bundles this broker serves", m.owned_bundles.clone());
+        m.autorecovery.register(&mut registry);
         Self { registry, ..m }
     }
 
