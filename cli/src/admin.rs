@@ -62,7 +62,7 @@ enum Group {
         #[command(subcommand)]
         command: NamespacesCmd,
     },
-    /// Topics: list, create, delete, stats, owner, unload.
+    /// Topics: list, create, delete, stats, owner, unload, apply retention.
     Topics {
         #[command(subcommand)]
         command: TopicsCmd,
@@ -182,6 +182,12 @@ enum TopicsCmd {
     },
     /// Close a topic on its owner (clients reconnect; it loads again on the next use).
     Unload {
+        /// NAME (in public/default), TENANT/NAMESPACE/NAME or persistent://TENANT/NAMESPACE/NAME.
+        #[arg(value_parser = TopicName::parse)]
+        topic: TopicName,
+    },
+    /// Apply the namespace's retention policy to a topic now (it also runs periodically).
+    ApplyRetention {
         /// NAME (in public/default), TENANT/NAMESPACE/NAME or persistent://TENANT/NAMESPACE/NAME.
         #[arg(value_parser = TopicName::parse)]
         topic: TopicName,
@@ -692,6 +698,35 @@ fn render_stats(s: &TopicStatsView) -> String {
     out
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TrimmedView {
+    deleted_ledgers: Vec<u64>,
+    deleted_bytes: u64,
+    orphaned_ledgers: Vec<u64>,
+}
+
+fn render_trimmed(topic: &TopicName, t: &TrimmedView) -> String {
+    if t.deleted_ledgers.is_empty() {
+        return format!("retention of {topic}: nothing to delete\n");
+    }
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let mut line = format!(
+        "retention of {topic}: deleted {} ledgers ({}): {}",
+        t.deleted_ledgers.len(),
+        bytes(t.deleted_bytes),
+        ids(&t.deleted_ledgers)
+    );
+    if !t.orphaned_ledgers.is_empty() {
+        line.push_str(&format!(
+            "; the bookies did not delete {} of them (orphans, listed nowhere): {}",
+            t.orphaned_ledgers.len(),
+            ids(&t.orphaned_ledgers)
+        ));
+    }
+    line + "\n"
+}
+
 async fn topics(ctx: &Ctx, command: TopicsCmd) -> anyhow::Result<()> {
     let api = &ctx.api;
     match command {
@@ -738,6 +773,10 @@ async fn topics(ctx: &Ctx, command: TopicsCmd) -> anyhow::Result<()> {
                     format!("topic {topic} was not loaded\n")
                 })
             })
+        }
+        TopicsCmd::ApplyRetention { topic } => {
+            let a = api.call(Method::POST, &format!("{}/retention", topic_path(&topic)), &[], None).await?;
+            ctx.show(&a, |a| Ok(render_trimmed(&topic, &a.json()?)))
         }
     }
 }
@@ -803,6 +842,17 @@ mod tests {
         assert!(parse_duration_text("soon").is_err());
         assert_eq!(parse_size_text("1GiB").expect("1GiB"), "1GiB");
         assert!(parse_size_text("lots").is_err());
+    }
+
+    #[test]
+    fn retention_results_name_deleted_and_orphaned_ledgers() {
+        let t = TopicName::parse("orders").expect("topic");
+        let none = TrimmedView::default();
+        assert_eq!(render_trimmed(&t, &none), "retention of persistent://public/default/orders: nothing to delete\n");
+        let some = TrimmedView { deleted_ledgers: vec![3, 4], deleted_bytes: 2048, orphaned_ledgers: vec![4] };
+        let line = render_trimmed(&t, &some);
+        assert!(line.contains("deleted 2 ledgers (2.0 KiB): 3, 4;"), "{line}");
+        assert!(line.contains("did not delete 1 of them (orphans, listed nowhere): 4"), "{line}");
     }
 
     #[test]

@@ -186,6 +186,11 @@ fn admin_lists_topics_shows_backlog_and_resets_a_subscription() {
     let got = run_ok(sa.client_command(&["consume", TOPIC, "-s", "audit", "-n", "5", "--timeout", "30s"]));
     assert_eq!(got, (5..10).map(|i| format!("m{i}\n")).collect::<String>());
 
+    // Retention (2h, 1 GiB) keeps everything that young and small.
+    let trimmed = admin.json(&["topics", "apply-retention", TOPIC]);
+    assert_eq!(trimmed["deleted_ledgers"], serde_json::json!([]), "{trimmed}");
+    assert_eq!(admin.ok(&["topics", "apply-retention", TOPIC]), format!("retention of {TOPIC}: nothing to delete\n"));
+
     // Owner, unload, and the topic comes back on the next request with its subscriptions.
     let owner = admin.json(&["topics", "lookup", TOPIC]);
     assert_eq!(owner["broker_url"], sa.url.as_str(), "{owner}");
