@@ -1,0 +1,467 @@
+//! `SegmentReader`: verified range reads of one segment object, with read-ahead and a shared
+//! byte-bounded cache of fetched blocks.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use magnetar_common::entry::{ENTRY_HEADER_BYTES, Entry};
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange};
+
+use super::format::{FOOTER_BYTES, Footer, INDEX_INTERVAL_BYTES, Index, LEN_PREFIX_BYTES};
+use super::{OffloadError, OffloadStore, SegmentInfo};
+use crate::config::MAX_ENTRY_BYTES_LIMIT;
+
+/// Fetched data is cached in aligned blocks of this size.
+pub const BLOCK_BYTES: u64 = 1024 * 1024;
+
+/// A cache key: object key and block number.
+pub(crate) type BlockKey = (Arc<str>, u64);
+
+/// Reads entries of one segment. Cheap to share (`&self` reads run concurrently); open one per
+/// segment with [`OffloadStore::open_segment`] and keep it while reads continue.
+#[derive(Debug)]
+pub struct SegmentReader {
+    store: OffloadStore,
+    info: SegmentInfo,
+    path: Path,
+    key: Arc<str>,
+    index: Index,
+    prefetch: Arc<Mutex<Option<Prefetch>>>,
+}
+
+/// A background fetch of the blocks after the last read, at most one per reader.
+#[derive(Debug)]
+struct Prefetch {
+    blocks: Range<u64>,
+    done: Shared<BoxFuture<'static, ()>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl SegmentReader {
+    pub(crate) async fn open(store: OffloadStore, info: &SegmentInfo) -> Result<SegmentReader, OffloadError> {
+        let corrupt = |reason: String| OffloadError::Corrupt {
+            key: info.key.clone(),
+            ledger_id: info.ledger_id,
+            entry: None,
+            reason,
+        };
+        let footer_at = info.size.checked_sub(FOOTER_BYTES as u64);
+        if info.last_entry < info.first_entry || footer_at.is_none_or(|at| at <= info.index_offset) {
+            return Err(OffloadError::Invalid(format!("segment description is inconsistent: {info:?}")));
+        }
+        let path = Path::from(info.key.as_str());
+        // The index and footer in one GET: the last `size - index_offset` bytes. A suffix range
+        // never fails on a short object, so a truncated object reads as corrupt, not unavailable.
+        let tail_len = info.size - info.index_offset;
+        let options = GetOptions { range: Some(GetRange::Suffix(tail_len)), ..GetOptions::default() };
+        let get = |e| OffloadError::from_store("get segment index", &info.key, e);
+        let result = store.inner.store.get_opts(&path, options).await.map_err(get)?;
+        let object_size = result.meta.size;
+        let tail = result.bytes().await.map_err(get)?;
+        if object_size != info.size || tail.len() as u64 != tail_len {
+            return Err(corrupt(format!("object is {object_size} bytes, the segment description says {}", info.size)));
+        }
+        let footer = Footer::decode(&tail[tail.len() - FOOTER_BYTES..]).map_err(corrupt)?;
+        let expected = Footer {
+            ledger_id: info.ledger_id,
+            first_entry: info.first_entry,
+            last_entry: info.last_entry,
+            entries: info.entries(),
+            index_offset: info.index_offset,
+            index_len: tail_len - FOOTER_BYTES as u64,
+            index_crc: footer.index_crc,
+        };
+        if footer != expected {
+            return Err(corrupt(format!("footer {footer:?} does not match the segment description {info:?}")));
+        }
+        let index = Index::decode(&tail[..tail.len() - FOOTER_BYTES], &footer).map_err(corrupt)?;
+        Ok(SegmentReader {
+            store,
+            key: Arc::from(info.key.as_str()),
+            info: info.clone(),
+            path,
+            index,
+            prefetch: Arc::default(),
+        })
+    }
+
+    pub fn info(&self) -> &SegmentInfo {
+        &self.info
+    }
+
+    /// Entries `first..=last` in order, each verified (digest and ids). Stops early once the
+    /// entries' encoded bytes would pass `max_bytes`, but always returns at least one entry; a
+    /// caller continues from the entry after the last one returned. A range outside the segment
+    /// is `Invalid`; a bad entry is `Corrupt` naming it and is never returned.
+    pub async fn read(&self, first: u64, last: u64, max_bytes: u64) -> Result<Vec<Entry>, OffloadError> {
+        let info = &self.info;
+        if first > last || first < info.first_entry || last > info.last_entry {
+            return Err(OffloadError::Invalid(format!(
+                "read {first}..={last} of segment {} which holds entries {}..={} of ledger {}",
+                info.key, info.first_entry, info.last_entry, info.ledger_id
+            )));
+        }
+        let (mut id, mut pos) = self.index.seek(first);
+        // Without a cache, fetch no more than this read may use: entries from the indexed
+        // position up to `first`, then about `max_bytes` (a hint: a larger entry is still fetched).
+        let hint = pos.saturating_add(INDEX_INTERVAL_BYTES).saturating_add(max_bytes);
+        let mut view = View::new(self, self.index.end_bound(last).min(hint));
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        while id <= last {
+            let prefix = view.bytes(id, pos, LEN_PREFIX_BYTES as u64).await?;
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as u64;
+            if len < ENTRY_HEADER_BYTES as u64 || len > MAX_ENTRY_BYTES_LIMIT {
+                return Err(view.corrupt(id, pos, format!("entry length {len} at offset {pos} is impossible")));
+            }
+            let start = pos + LEN_PREFIX_BYTES as u64;
+            if id >= first {
+                if !out.is_empty() && bytes + len > max_bytes {
+                    break;
+                }
+                let raw = view.bytes(id, start, len).await?;
+                let entry = match Entry::parse(raw) {
+                    Ok(entry) if entry.ledger_id == info.ledger_id && entry.entry_id == id => entry,
+                    Ok(entry) => {
+                        let why = format!("found entry {}:{} at offset {pos}", entry.ledger_id, entry.entry_id);
+                        return Err(view.corrupt(id, start + len - 1, why));
+                    }
+                    Err(e) => return Err(view.corrupt(id, start + len - 1, format!("{e} (offset {pos})"))),
+                };
+                out.push(entry);
+                bytes += len;
+            }
+            pos = start + len;
+            id += 1;
+            view.forget_before(pos);
+        }
+        self.start_prefetch(pos);
+        Ok(out)
+    }
+
+    fn block_key(&self, block: u64) -> BlockKey {
+        (self.key.clone(), block)
+    }
+
+    fn cached(&self, block: u64) -> Option<Bytes> {
+        self.store.inner.cache.as_ref()?.get(&self.block_key(block))
+    }
+
+    fn last_block(&self) -> u64 {
+        (self.info.index_offset - 1) / BLOCK_BYTES
+    }
+
+    fn read_ahead_blocks(&self) -> u64 {
+        self.store.inner.read_ahead_bytes.div_ceil(BLOCK_BYTES).max(1)
+    }
+
+    /// Fetches `blocks` with one range GET; caches them.
+    async fn fetch(&self, blocks: Range<u64>) -> Result<Vec<(u64, Bytes)>, OffloadError> {
+        fetch_blocks(&self.store, &self.path, &self.key, self.info.index_offset, blocks).await
+    }
+
+    /// After a read that ended at `pos`: fetch the next read-ahead window in the background if
+    /// part of it is not cached and no prefetch is running. Only with a cache to put it in.
+    fn start_prefetch(&self, pos: u64) {
+        if self.store.inner.cache.is_none() || pos >= self.info.index_offset {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let window_end = (pos / BLOCK_BYTES + self.read_ahead_blocks()).min(self.last_block() + 1);
+        let Some(first_missing) = (pos / BLOCK_BYTES..window_end).find(|&b| self.cached(b).is_none()) else {
+            return;
+        };
+        let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|p| !p.task.is_finished()) {
+            return;
+        }
+        let blocks = first_missing..(first_missing + self.read_ahead_blocks()).min(self.last_block() + 1);
+        let (store, path, key, data_len) =
+            (self.store.clone(), self.path.clone(), self.key.clone(), self.info.index_offset);
+        let range = blocks.clone();
+        let task = runtime.spawn(async move {
+            if let Err(e) = fetch_blocks(&store, &path, &key, data_len, range).await {
+                tracing::debug!(key = %key, error = %e, "prefetch segment blocks (the read will fetch them itself)");
+            }
+        });
+        let abort = task.abort_handle();
+        let done = async move {
+            let _ = task.await;
+        }
+        .boxed()
+        .shared();
+        *slot = Some(Prefetch { blocks, done, task: abort });
+    }
+
+    /// The running prefetch covering `block`, if any.
+    fn prefetch_covering(&self, block: u64) -> Option<Shared<BoxFuture<'static, ()>>> {
+        let slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().filter(|p| p.blocks.contains(&block) && !p.task.is_finished()).map(|p| p.done.clone())
+    }
+}
+
+impl Drop for SegmentReader {
+    fn drop(&mut self) {
+        if let Some(p) = self.prefetch.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.task.abort();
+        }
+    }
+}
+
+async fn fetch_blocks(
+    store: &OffloadStore,
+    path: &Path,
+    key: &Arc<str>,
+    data_len: u64,
+    blocks: Range<u64>,
+) -> Result<Vec<(u64, Bytes)>, OffloadError> {
+    let range = blocks.start * BLOCK_BYTES..(blocks.end * BLOCK_BYTES).min(data_len);
+    let data = store
+        .inner
+        .store
+        .get_range(path, range.clone())
+        .await
+        .map_err(|e| OffloadError::from_store("get segment range", key, e))?;
+    if data.len() as u64 != range.end - range.start {
+        return Err(OffloadError::Unavailable {
+            op: "get segment range",
+            key: key.to_string(),
+            source: object_store::Error::Generic {
+                store: "offload",
+                source: format!("asked for bytes {range:?}, got {} bytes", data.len()).into(),
+            },
+        });
+    }
+    let mut out = Vec::with_capacity((blocks.end - blocks.start) as usize);
+    for block in blocks {
+        let start = (block * BLOCK_BYTES - range.start) as usize;
+        let end = ((block + 1) * BLOCK_BYTES - range.start).min(data.len() as u64) as usize;
+        let bytes = data.slice(start..end);
+        if let Some(cache) = &store.inner.cache {
+            cache.insert((key.clone(), block), bytes.clone());
+        }
+        out.push((block, bytes));
+    }
+    Ok(out)
+}
+
+/// The blocks one read holds on to: from the cache or fetched, dropped once read past.
+struct View<'a> {
+    reader: &'a SegmentReader,
+    /// Without a cache, fetches stop here (unless the bytes asked for go further).
+    needed_end: u64,
+    blocks: BTreeMap<u64, Bytes>,
+}
+
+impl<'a> View<'a> {
+    fn new(reader: &'a SegmentReader, needed_end: u64) -> View<'a> {
+        View { reader, needed_end, blocks: BTreeMap::new() }
+    }
+
+    /// `len > 0` bytes at `pos` of the segment's data, for entry `id`.
+    async fn bytes(&mut self, id: u64, pos: u64, len: u64) -> Result<Bytes, OffloadError> {
+        let data_len = self.reader.info.index_offset;
+        if pos + len > data_len {
+            let why = format!("{len} bytes at offset {pos} run past the end of the data ({data_len})");
+            return Err(self.corrupt(id, pos, why));
+        }
+        let (b0, b1) = (pos / BLOCK_BYTES, (pos + len - 1) / BLOCK_BYTES);
+        for block in b0..=b1 {
+            if self.blocks.contains_key(&block) {
+                continue;
+            }
+            if let Some(wait) = self.reader.prefetch_covering(block) {
+                wait.await;
+            }
+            if let Some(bytes) = self.reader.cached(block) {
+                self.blocks.insert(block, bytes);
+                continue;
+            }
+            // Fetch from here: at least to b1, and read-ahead further when there is a cache to
+            // keep it (without one, only what this read may still need).
+            let reader = self.reader;
+            let limit = if reader.store.inner.cache.is_some() {
+                reader.last_block()
+            } else {
+                (self.needed_end - 1) / BLOCK_BYTES
+            };
+            let end = (block + reader.read_ahead_blocks() - 1).min(limit).max(b1);
+            for (b, bytes) in reader.fetch(block..end + 1).await? {
+                self.blocks.insert(b, bytes);
+            }
+        }
+        if b0 == b1 {
+            let start = (pos - b0 * BLOCK_BYTES) as usize;
+            return Ok(self.blocks[&b0].slice(start..start + len as usize));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for block in b0..=b1 {
+            let bytes = &self.blocks[&block];
+            let from = pos.max(block * BLOCK_BYTES) - block * BLOCK_BYTES;
+            let to = (pos + len).min((block + 1) * BLOCK_BYTES) - block * BLOCK_BYTES;
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    fn forget_before(&mut self, pos: u64) {
+        let keep = pos / BLOCK_BYTES;
+        while self.blocks.first_key_value().is_some_and(|(&b, _)| b < keep) {
+            self.blocks.pop_first();
+        }
+    }
+
+    /// A corruption error for entry `id`; drops the cached blocks this read used up to `pos`, so
+    /// that bytes damaged on the way are fetched again next time.
+    fn corrupt(&mut self, id: u64, pos: u64, reason: String) -> OffloadError {
+        self.invalidate(pos);
+        let info = &self.reader.info;
+        OffloadError::Corrupt { key: info.key.clone(), ledger_id: info.ledger_id, entry: Some(id), reason }
+    }
+
+    fn invalidate(&mut self, pos: u64) {
+        if let Some(cache) = &self.reader.store.inner.cache {
+            let last = pos.min(self.reader.info.index_offset.saturating_sub(1)) / BLOCK_BYTES;
+            for &block in self.blocks.keys().filter(|&&b| b <= last) {
+                cache.invalidate(&self.reader.block_key(block));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use bytesize::ByteSize;
+    use futures::stream::BoxStream;
+    use magnetar_common::entry::encode_entry;
+    use object_store::memory::InMemory;
+    use object_store::{
+        GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+        PutResult,
+    };
+
+    use super::*;
+    use crate::offload::OffloadConfig;
+
+    /// InMemory, counting GET requests and the bytes they return.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: InMemory,
+        gets: AtomicU64,
+        get_bytes: AtomicU64,
+    }
+
+    impl std::fmt::Display for Counting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Counting({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Counting {
+        async fn put_opts(&self, at: &Path, payload: PutPayload, o: PutOptions) -> object_store::Result<PutResult> {
+            self.inner.put_opts(at, payload, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            at: &Path,
+            o: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(at, o).await
+        }
+        async fn get_opts(&self, at: &Path, o: GetOptions) -> object_store::Result<GetResult> {
+            let result = self.inner.get_opts(at, o).await?;
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.get_bytes.fetch_add(result.range.end - result.range.start, Ordering::SeqCst);
+            Ok(result)
+        }
+        async fn delete(&self, at: &Path) -> object_store::Result<()> {
+            self.inner.delete(at).await
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    const ENTRY: usize = 800 * 1024;
+
+    async fn segment(cache: ByteSize) -> (OffloadStore, Arc<Counting>, SegmentInfo) {
+        let config = OffloadConfig {
+            url: "memory://".into(),
+            read_ahead_bytes: ByteSize::mib(8),
+            cache_bytes: cache,
+            ..OffloadConfig::default()
+        };
+        let counting = Arc::new(Counting::default());
+        let store = OffloadStore::from_parts(counting.clone(), Path::default(), None, &config);
+        let mut writer = store.segment_writer(1);
+        for id in 0..40u64 {
+            let entry = Entry::parse(encode_entry(1, id, id as i64 - 1, &vec![id as u8; ENTRY])).expect("entry");
+            writer.append(&entry).await.expect("append");
+        }
+        let info = writer.finish().await.expect("finish");
+        (store, counting, info)
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_make_few_large_gets_and_prefetch_ahead() {
+        let (store, counting, info) = segment(ByteSize::mib(64)).await;
+        let reader = store.open_segment(&info).await.expect("open");
+        assert_eq!(counting.gets.swap(0, Ordering::SeqCst), 1, "open: one GET for index and footer");
+        counting.get_bytes.store(0, Ordering::SeqCst);
+
+        let first = reader.read(0, 39, 1024 * 1024).await.expect("read");
+        assert_eq!(first.len(), 1);
+        assert_eq!(counting.gets.load(Ordering::SeqCst), 1, "the first read fetched 8 MiB of read-ahead");
+        // Once a read ends past the first block, the 8 MiB after it are no longer all cached:
+        // they are prefetched in the background, without another read.
+        let second = reader.read(1, 39, 1024 * 1024).await.expect("read");
+        assert_eq!(second.len(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counting.gets.load(Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no prefetch within 10s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let mut next = 2;
+        while next <= 39 {
+            let batch = reader.read(next, 39, 1024 * 1024).await.expect("read");
+            for e in &batch {
+                assert_eq!((e.entry_id, e.payload().len(), e.payload()[0]), (next, ENTRY, next as u8));
+                next += 1;
+            }
+        }
+        let (gets, bytes) = (counting.gets.load(Ordering::SeqCst), counting.get_bytes.load(Ordering::SeqCst));
+        // ~31 MiB in GETs of 8 MiB: 4, and no block fetched twice.
+        assert!(gets <= 5, "{gets} GETs for a sequential read of {} bytes", info.index_offset);
+        assert!(bytes <= info.index_offset + BLOCK_BYTES, "{bytes} bytes fetched for {}", info.index_offset);
+    }
+
+    #[tokio::test]
+    async fn without_a_cache_a_read_fetches_what_it_uses() {
+        let (store, counting, info) = segment(ByteSize::b(0)).await;
+        let reader = store.open_segment(&info).await.expect("open");
+        counting.get_bytes.store(0, Ordering::SeqCst);
+        let got = reader.read(20, 39, 1024 * 1024).await.expect("read");
+        assert_eq!(got.len(), 1);
+        let bytes = counting.get_bytes.load(Ordering::SeqCst);
+        assert!(bytes <= 3 * BLOCK_BYTES, "{bytes} bytes fetched to read one {ENTRY}-byte entry");
+    }
+}
