@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need when missing (etcd, protoc), then runs every
+# The test command: installs what the tests need when missing (etcd, protoc, moto), then runs every
 # test of the workspace, then validates the Helm chart offline (scripts/helm-check.sh). Tests
 # start their own etcd servers on 127.0.0.1 from the installed binary.
 set -euo pipefail
@@ -17,6 +17,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # Debian's package may start a system etcd on 2379; tests never use it (they start their own).
 etcd --version | head -1
+# The object-store conformance tests (bookie/tests/offload_conformance.rs) start moto's S3 server:
+# install moto[server] from PyPI into ~/.cache/magnetar/s3-server when missing, and point the
+# tests at it.
+MAGNETAR_MOTO_SERVER="$(bash scripts/s3-server.sh install | tail -1)"
+export MAGNETAR_MOTO_SERVER
 
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

@@ -1,4 +1,5 @@
-//! Test support (feature `testing`): a throw-away single-member etcd server.
+//! Test support (feature `testing`): a throw-away single-member etcd server, and a throw-away
+//! S3-compatible server ([`S3Server`], in `testing/s3.rs`).
 //!
 //! This module owns the etcd child process of a test: its temporary data directory, its two
 //! ports and its log file. It never touches an etcd it did not start, and it kills (and reaps)
@@ -10,6 +11,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod s3;
+pub use s3::{MOTO_SERVER_ENV, S3Server};
 
 /// How long etcd gets to start answering.
 const START_DEADLINE: Duration = Duration::from_secs(30);
