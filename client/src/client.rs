@@ -1,25 +1,28 @@
-//! [`Client`]: one connection to a broker, from which producers, consumers and readers are made,
-//! each on its own stream.
+//! [`Client`]: connections to a Magnetar service, from which producers, consumers and readers
+//! are made, each on its own stream to the broker that owns its topic.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use magnetar_common::topic::TopicName;
-use magnetar_common::wire::Frame;
 use tokio::task::JoinHandle;
 
-use crate::transport::{self, Connection, FrameReader, Outbox};
-use crate::url::BrokerUrl;
+use crate::pool::Pool;
+use crate::transport::{Connector, FrameReader, Outbox};
+use crate::url::parse_service_url;
 use crate::{ConsumerBuilder, Error, ProducerBuilder, ReaderBuilder};
 
-/// Default time to establish the connection.
+/// Default time to establish a connection to one broker.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default time for one operation (create a producer, subscribe, flush, close).
+/// Default time for one operation (create a producer, subscribe, flush, close, reconnect).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time after which a connection that hears nothing from its broker is dead.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = crate::transport::DEFAULT_IDLE_TIMEOUT;
 
-/// A connection to one broker. Cheap to clone; every clone shares the connection. Producers,
-/// consumers and readers keep the connection open while they exist.
+/// A handle on a Magnetar service: its bootstrap brokers and a pool of connections, at most one
+/// per broker. Cheap to clone; every clone shares the pool. Producers, consumers and readers
+/// keep it open while they exist.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -27,7 +30,7 @@ pub struct Client {
 
 #[derive(Debug)]
 struct ClientInner {
-    conn: Connection,
+    pool: Pool,
     operation_timeout: Duration,
 }
 
@@ -39,6 +42,7 @@ pub struct ClientBuilder {
     server_name: Option<String>,
     connect_timeout: Duration,
     operation_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl ClientBuilder {
@@ -49,28 +53,41 @@ impl ClientBuilder {
         self
     }
 
-    /// The name the broker's certificate must carry. Default: the URL's host, or `localhost`
-    /// when the host is an IP address.
+    /// The name every broker's certificate must carry. Default: the host of the broker's URL
+    /// (as listed in the service URL or named by a lookup), or `localhost` when the host is an
+    /// IP address.
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
         self
     }
 
-    /// How long connecting may take (default 10 s).
+    /// How long connecting to one broker may take (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// How long creating a producer, subscribing, flushing or closing may take (default 30 s).
+    /// How long creating a producer, subscribing, flushing or closing may take, including the
+    /// retries of lookups and attachments (default 30 s). It also bounds each reconnection: a
+    /// producer or consumer that cannot attach again this long after losing its stream stops,
+    /// and its pending operations fail with the last cause.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
         self
     }
 
-    /// Connects to the broker.
+    /// A connection that hears nothing from its broker this long is declared dead, and its
+    /// producers and consumers reconnect (default 3 s). Keep-alives go out every third of it, so
+    /// a quiet but live connection stays up. This is how quickly a broker that died without
+    /// closing its connections (a crash, a network cut) is noticed.
+    pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and connects to the first bootstrap broker that answers.
     pub async fn build(self) -> Result<Client, Error> {
-        let url = BrokerUrl::parse(&self.url)?;
+        let bootstrap = parse_service_url(&self.url)?;
         let Some(trust_cert) = self.trust_cert else {
             return Err(Error::Tls(
                 "no trusted certificate: pass --tls-trust-cert (ClientBuilder::tls_trust_cert) with the \
@@ -78,19 +95,39 @@ impl ClientBuilder {
                     .into(),
             ));
         };
-        for (what, t) in [("connect_timeout", self.connect_timeout), ("operation_timeout", self.operation_timeout)] {
+        for (what, t) in [
+            ("connect_timeout", self.connect_timeout),
+            ("operation_timeout", self.operation_timeout),
+            ("connection_idle_timeout", self.idle_timeout),
+        ] {
             if t.is_zero() {
                 return Err(Error::InvalidArgument(format!("{what} must be above zero")));
             }
         }
-        let server_name = self.server_name.unwrap_or_else(|| url.default_server_name());
-        let conn = transport::connect(&url, &server_name, &trust_cert, self.connect_timeout).await?;
-        Ok(Client { inner: Arc::new(ClientInner { conn, operation_timeout: self.operation_timeout }) })
+        let connector = Connector::quic(&trust_cert, self.server_name, self.connect_timeout, self.idle_timeout)?;
+        let client = Client::with_pool(Pool::new(connector, bootstrap), self.operation_timeout);
+        // Connect now, so that a wrong address or certificate shows at once. The most telling
+        // failure is reported: a TLS or address problem rather than a broker that is down.
+        let mut failure: Option<Error> = None;
+        for url in client.pool().bootstrap() {
+            match client.pool().get(url).await {
+                Ok(_) => return Ok(client),
+                Err(e) => {
+                    let telling = |e: &Error| !matches!(e, Error::Connect(_));
+                    if failure.as_ref().is_none_or(|f| !telling(f)) {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| Error::InvalidArgument("the service URL lists no broker".into())))
     }
 }
 
 impl Client {
-    /// Starts configuring a client for `url` (`quic://HOST[:PORT]`, port 6650 by default).
+    /// Starts configuring a client for the service URL `url`: `quic://HOST[:PORT]`, or several
+    /// bootstrap brokers `quic://HOST1:PORT1,HOST2:PORT2` (port 6650 by default). Any of them
+    /// can be asked where a topic is served; the client then connects to that broker.
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             url: url.into(),
@@ -98,7 +135,12 @@ impl Client {
             server_name: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
         }
+    }
+
+    fn with_pool(pool: Pool, operation_timeout: Duration) -> Client {
+        Client { inner: Arc::new(ClientInner { pool, operation_timeout }) }
     }
 
     /// Starts configuring a producer for `topic`.
@@ -116,42 +158,57 @@ impl Client {
         ReaderBuilder::new(self.clone(), topic.into())
     }
 
-    /// Closes the connection now. What producers and consumers have not sent yet is lost: close
-    /// them first (their `close` waits for receipts and sends pending acknowledgements).
+    /// Closes every connection now; producers and consumers stop, without reconnecting. What
+    /// they have not sent yet is lost: close them first (their `close` waits for receipts and
+    /// sends pending acknowledgements).
     pub async fn close(&self) {
-        self.inner.conn.close().await;
+        self.inner.pool.close().await;
     }
 
     pub(crate) fn operation_timeout(&self) -> Duration {
         self.inner.operation_timeout
     }
 
-    /// Opens a stream, sends `first` and returns the broker's first answer. A broker `Error`
-    /// frame becomes [`Error::Broker`]; `what` names the operation in timeouts.
-    pub(crate) async fn open_channel(&self, first: Frame, what: &'static str) -> Result<(Channel, Frame), Error> {
-        let timeout = self.inner.operation_timeout;
-        let work = async {
-            let (writer, mut reader) = self.inner.conn.open_stream().await?;
-            let (outbox, writer_task) = transport::spawn_writer(writer, timeout);
-            outbox.send_all([first]);
-            let answer = match reader.next().await? {
-                Some(Frame::Error { code, message }) => return Err(Error::broker(code, message)),
-                Some(frame) => frame,
-                None => return Err(Error::Closed("the broker ended the stream without answering".into())),
-            };
-            Ok((Channel { outbox, writer_task, reader }, answer))
-        };
-        tokio::time::timeout(timeout, work).await.map_err(|_| Error::Timeout(what))?
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
     }
 
-    /// A client whose streams go to the returned receiver, where a test plays the broker.
+    /// A client of brokers played by the test: the service URL `url` lists some of the
+    /// brokers of `net` (see [`crate::transport::MemoryNet::add`]).
     #[cfg(test)]
-    pub(crate) fn in_memory(
-        operation_timeout: Duration,
-    ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<(transport::FrameWriter, FrameReader)>) {
+    pub(crate) fn in_memory_net(url: &str, net: &crate::transport::MemoryNet, operation_timeout: Duration) -> Client {
+        let bootstrap = parse_service_url(url).expect("a test service URL");
+        Client::with_pool(Pool::new(Connector::Memory(net.clone()), bootstrap), operation_timeout)
+    }
+
+    /// A client of one broker played by the test: lookups are answered for it (it owns every
+    /// topic), every other stream goes to the returned receiver.
+    #[cfg(test)]
+    pub(crate) fn in_memory(operation_timeout: Duration) -> (Client, crate::transport::MemoryStreams) {
+        use magnetar_common::wire::Frame;
+
+        const URL: &str = "quic://memory:6650";
+        let net = crate::transport::MemoryNet::default();
+        let mut incoming = net.add(URL);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let inner = ClientInner { conn: Connection::Memory(tx), operation_timeout };
-        (Client { inner: Arc::new(inner) }, rx)
+        tokio::spawn(async move {
+            while let Some((mut w, mut r)) = incoming.recv().await {
+                match r.next().await {
+                    Ok(Some(Frame::Lookup { topic })) => {
+                        let answer = Frame::LookupResult { topic, broker_url: URL.into(), http_url: String::new() };
+                        let _ = w.write_frames(&[answer]).await;
+                    }
+                    Ok(Some(first)) => {
+                        r.unread(&first);
+                        if tx.send((w, r)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {}
+                }
+            }
+        });
+        (Client::in_memory_net(URL, &net, operation_timeout), rx)
     }
 }
 

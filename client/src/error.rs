@@ -27,9 +27,15 @@ pub enum Error {
     /// An operation did not finish within its timeout; names the operation.
     #[error("timed out: {0}")]
     Timeout(&'static str),
-    /// The producer, consumer, stream or connection is closed; says why.
+    /// The producer, consumer or client was closed by the application, or stopped after an
+    /// error it reported before; says why.
     #[error("closed: {0}")]
     Closed(String),
+    /// The connection or stream to the broker broke (the broker restarted, moved the topic or
+    /// became unreachable). Producers and consumers reconnect on their own: this reaches the
+    /// caller only when reconnecting failed within the operation timeout.
+    #[error("disconnected: {0}")]
+    ConnectionLost(String),
     /// The broker sent something this client does not understand or did not expect.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -37,11 +43,11 @@ pub enum Error {
 
 impl Error {
     /// Whether the same request may succeed later without changes (possibly on a new
-    /// connection): connect failures, timeouts, and the broker's retryable codes
-    /// (service unavailable, persistence error, shutting down).
+    /// connection): connect failures, lost connections, timeouts, and the broker's retryable
+    /// codes (service unavailable, persistence error, shutting down, not the owner).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect(_) | Error::Timeout(_) => true,
+            Error::Connect(_) | Error::ConnectionLost(_) | Error::Timeout(_) => true,
             Error::Broker { code, .. } => code.is_retryable(),
             Error::InvalidArgument(_)
             | Error::Tls(_)
@@ -54,6 +60,21 @@ impl Error {
     /// The error for a broker's `Error`/`SendError` frame.
     pub(crate) fn broker(code: ErrorCode, message: impl Into<String>) -> Self {
         Error::Broker { code, message: message.into() }
+    }
+
+    /// The same error with `context` in front of its message (kept as is for variants without
+    /// one).
+    pub(crate) fn context(self, context: impl std::fmt::Display) -> Self {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{context}: {m}")),
+            Error::Connect(m) => Error::Connect(format!("{context}: {m}")),
+            Error::Tls(m) => Error::Tls(format!("{context}: {m}")),
+            Error::Broker { code, message } => Error::Broker { code, message: format!("{context}: {message}") },
+            Error::Closed(m) => Error::Closed(format!("{context}: {m}")),
+            Error::ConnectionLost(m) => Error::ConnectionLost(format!("{context}: {m}")),
+            Error::Protocol(m) => Error::Protocol(format!("{context}: {m}")),
+            e @ (Error::MessageTooLarge { .. } | Error::Timeout(_)) => e,
+        }
     }
 }
 
@@ -79,5 +100,15 @@ mod tests {
         assert!(!Error::InvalidArgument("x".into()).is_retryable());
         assert!(Error::Timeout("x").is_retryable());
         assert!(!Error::Tls("x".into()).is_retryable());
+        assert!(Error::broker(ErrorCode::NotOwner, "x").is_retryable());
+        assert!(Error::ConnectionLost("x".into()).is_retryable());
+        assert!(!Error::Closed("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn context_goes_in_front_and_keeps_the_code() {
+        let e = Error::broker(ErrorCode::ServiceUnavailable, "no bookies").context("create producer on t");
+        assert_eq!(e, Error::broker(ErrorCode::ServiceUnavailable, "create producer on t: no bookies"));
+        assert_eq!(Error::Timeout("x").context("y"), Error::Timeout("x"));
     }
 }

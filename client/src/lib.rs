@@ -1,9 +1,12 @@
 //! The Magnetar client library: producers, consumers and readers for applications.
 //!
-//! A [`Client`] holds one QUIC connection to a broker. Each [`Producer`], [`Consumer`] and
-//! [`Reader`] opens its own stream on it, so a slow consumer never holds up another one. TLS is
-//! required: pass the broker's certificate (a standalone broker writes its self-signed one to
-//! `data/tls/cert.pem`) with [`ClientBuilder::tls_trust_cert`].
+//! A [`Client`] is built from a service URL listing one or more bootstrap brokers
+//! (`quic://host:6650` or `quic://host1:6650,host2:6650`). Creating a [`Producer`], [`Consumer`]
+//! or [`Reader`] first asks a bootstrap broker which broker owns the topic (a lookup), then
+//! opens a stream on that broker. The client keeps at most one QUIC connection per broker, and
+//! each producer, consumer and reader has its own stream, so a slow consumer never holds up
+//! another one. TLS is required: pass the brokers' certificate (a standalone broker writes its
+//! self-signed one to `data/tls/cert.pem`) with [`ClientBuilder::tls_trust_cert`].
 //!
 //! ```no_run
 //! use magnetar_client::{Client, SubscriptionType};
@@ -42,22 +45,40 @@
 //! key_shared subscriptions route whole batches by key. The broker acknowledges whole batches,
 //! so a consumer acknowledges a batch on the broker once it has acknowledged all of its messages.
 //!
-//! Not yet: reconnecting after a lost connection (every pending operation then fails with
-//! [`Error::Closed`]), send timeouts, and platform trust roots.
+//! Reconnection is automatic. When a broker dies, restarts or hands a topic to another broker,
+//! producers and consumers look the topic up again and attach to its owner, retrying with
+//! backoff for up to the operation timeout ([`ClientBuilder::operation_timeout`]). A producer
+//! then sends again, in order, every batch that has no receipt yet, before any newer one:
+//! receipts resolve once, per-producer order holds, and a batch may be stored twice. A consumer
+//! subscribes again and continues from the subscription's stored cursor; a reader continues
+//! after the last message it returned. Pending calls wait meanwhile and fail only if
+//! reconnecting fails, with [`Error::ConnectionLost`] or the broker's last refusal. A broker
+//! that dies without closing its connections is noticed after
+//! [`ClientBuilder::connection_idle_timeout`]. `docs/protocol.md` has the details.
+//! Reconnections are logged at INFO and counted ([`Producer::reconnects`],
+//! [`Consumer::reconnects`]).
 //!
-//! Layout: `transport` is the only module that touches QUIC and TLS; `producer::batcher` and
-//! `consumer::state` are the state machines, which do no I/O and read no clock.
+//! Not yet: send timeouts and platform trust roots.
+//!
+//! Layout: `transport` is the only module that touches QUIC and TLS; `pool` holds the
+//! connections, one per broker; `lookup` finds a topic's broker and attaches to it, with retries;
+//! `producer::batcher` and `consumer::state` are the state machines, which do no I/O and read no
+//! clock.
 
 mod client;
 mod consumer;
 mod error;
+mod lookup;
 mod message;
+mod pool;
 mod producer;
 mod reader;
 mod transport;
 mod url;
 
-pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OPERATION_TIMEOUT};
+pub use client::{
+    Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_IDLE_TIMEOUT, DEFAULT_OPERATION_TIMEOUT,
+};
 pub use consumer::{Consumer, ConsumerBuilder, MAX_RECEIVER_QUEUE_SIZE};
 pub use error::Error;
 pub use magnetar_common::batch::Compression;

@@ -3,6 +3,8 @@
 //! A reader is a consumer of a non-durable exclusive subscription named `reader-<random hex>`:
 //! the broker keeps no cursor for it after it closes. It acknowledges entries cumulatively
 //! itself, once it has returned all of their messages, so the broker can let go of them.
+//! After a reconnection it subscribes again from the message after the last one it returned
+//! (or from its start position, if it returned none).
 
 use magnetar_common::ids::MessageId;
 use magnetar_common::wire::InitialPosition;
@@ -86,5 +88,10 @@ impl Reader {
     /// The full topic name.
     pub fn topic(&self) -> &str {
         self.consumer.topic()
+    }
+
+    /// How many times the reader has subscribed again after losing its stream.
+    pub fn reconnects(&self) -> u64 {
+        self.consumer.reconnects()
     }
 }

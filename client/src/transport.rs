@@ -1,10 +1,12 @@
-//! The connection to a broker and the framed streams on it. This is the only module that
-//! imports quinn or rustls: the rest of the crate sees a [`Connection`] that opens
-//! [`FrameWriter`]/[`FrameReader`] pairs, one per producer or consumer, plus a writer task
-//! ([`spawn_writer`]) that coalesces outgoing frames into few large writes.
+//! Connections to brokers and the framed streams on them. This is the only module that
+//! imports quinn or rustls: the rest of the crate sees a [`Connector`] that makes a
+//! [`Connection`] to a broker URL, which opens [`FrameWriter`]/[`FrameReader`] pairs (one per
+//! lookup, producer or consumer), plus a writer task ([`spawn_writer`]) that coalesces
+//! outgoing frames into few large writes.
 //!
-//! Under `cfg(test)` a connection can also be in-memory: each opened stream is handed to a test
-//! that plays the broker, so producer and consumer logic is tested without sockets.
+//! Under `cfg(test)` connections can also be in-memory: each stream opened to a broker address
+//! is handed to a test that plays that broker, so lookup, producer and consumer logic is tested
+//! without sockets.
 //!
 //! Must never: interpret frames (that is the producer's and consumer's job), or let a frame
 //! larger than [`MAX_FRAME_BYTES`] allocate a buffer.
@@ -29,14 +31,70 @@ pub const ALPN: &[u8] = b"magnetar/1";
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024 + 64 * 1024;
 /// A writer task gathers queued frames up to about this many bytes into one write.
 const COALESCE_BYTES: usize = 1024 * 1024;
-/// How often an idle connection sends a keep-alive, so that neither side times it out.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A connection is declared dead after hearing nothing from its broker this long (default of
+/// `ClientBuilder::connection_idle_timeout`); keep-alives go out at a third of it, so a live
+/// but quiet connection never gets there.
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Per-stream receive window: how much a broker may send on one stream before we read it.
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 
-/// One connection to a broker; cheap to share behind the client's `Arc`.
+/// Makes connections to brokers: the TLS settings (read once) and the timeouts.
+#[derive(Debug, Clone)]
+pub(crate) enum Connector {
+    Quic {
+        config: quinn::ClientConfig,
+        /// Overrides the name each broker's certificate must carry.
+        server_name: Option<String>,
+        connect_timeout: Duration,
+    },
+    /// Connections go to brokers played by a test.
+    #[cfg(test)]
+    Memory(MemoryNet),
+}
+
+impl Connector {
+    /// A connector trusting only the certificates in the PEM file `trust_cert`.
+    pub fn quic(
+        trust_cert: &Path,
+        server_name: Option<String>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let tls = client_tls_config(trust_cert)?;
+        let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| Error::Tls(format!("TLS configuration unusable for QUIC: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic_tls));
+        let mut transport = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(idle_timeout)
+            .map_err(|_| Error::InvalidArgument(format!("connection_idle_timeout {idle_timeout:?} is too large")))?;
+        transport.max_idle_timeout(Some(idle));
+        transport.keep_alive_interval(Some(idle_timeout / 3));
+        // Larger datagrams where the path allows (loopback, jumbo frames): fewer packets and system
+        // calls per megabyte. Discovery settles on what the path carries.
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(65_527);
+        transport.mtu_discovery_config(Some(mtu));
+        transport.stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES));
+        config.transport_config(Arc::new(transport));
+        Ok(Connector::Quic { config, server_name, connect_timeout })
+    }
+
+    /// Connects to the broker at `url`, within the connect timeout or `limit` if shorter.
+    pub async fn connect(&self, url: &BrokerUrl, limit: Duration) -> Result<Connection, Error> {
+        match self {
+            Connector::Quic { config, server_name, connect_timeout } => {
+                let server_name = server_name.clone().unwrap_or_else(|| url.default_server_name());
+                connect(config.clone(), url, &server_name, limit.min(*connect_timeout)).await
+            }
+            #[cfg(test)]
+            Connector::Memory(net) => net.connect(url),
+        }
+    }
+}
+
+/// One connection to a broker; shared by the lookups, producers and consumers that use it.
 #[derive(Debug)]
 pub(crate) enum Connection {
     Quic {
@@ -49,7 +107,7 @@ pub(crate) enum Connection {
 }
 
 impl Connection {
-    /// Opens a bidirectional stream for one producer or consumer.
+    /// Opens a bidirectional stream for one lookup, producer or consumer.
     pub async fn open_stream(&self) -> Result<(FrameWriter, FrameReader), Error> {
         match self {
             Connection::Quic { conn, .. } => {
@@ -59,9 +117,18 @@ impl Connection {
             #[cfg(test)]
             Connection::Memory(broker) => {
                 let (client, server) = memory_stream_pair();
-                broker.send(server).map_err(|_| Error::Closed("the test broker is gone".into()))?;
+                broker.send(server).map_err(|_| Error::ConnectionLost("the test broker is gone".into()))?;
                 Ok(client)
             }
+        }
+    }
+
+    /// False once the connection is closed, timed out or lost.
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Connection::Quic { conn, .. } => conn.close_reason().is_none(),
+            #[cfg(test)]
+            Connection::Memory(broker) => !broker.is_closed(),
         }
     }
 
@@ -79,29 +146,14 @@ impl Connection {
     }
 }
 
-/// Connects to the broker at `url`, trusting only the certificates in the PEM file
-/// `trust_cert`, within `connect_timeout`.
-pub(crate) async fn connect(
+/// Connects to the broker at `url` within `connect_timeout`.
+async fn connect(
+    config: quinn::ClientConfig,
     url: &BrokerUrl,
     server_name: &str,
-    trust_cert: &Path,
     connect_timeout: Duration,
 ) -> Result<Connection, Error> {
-    let tls = client_tls_config(trust_cert)?;
     let addr = resolve(url).await?;
-    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| Error::Tls(format!("TLS configuration unusable for QUIC: {e}")))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic_tls));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-    // Larger datagrams where the path allows (loopback, jumbo frames): fewer packets and system
-    // calls per megabyte. Discovery settles on what the path carries.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(65_527);
-    transport.mtu_discovery_config(Some(mtu));
-    transport.stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES));
-    config.transport_config(Arc::new(transport));
-
     let bind: SocketAddr = if addr.is_ipv6() {
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     } else {
@@ -123,7 +175,7 @@ pub(crate) async fn connect(
             )));
         }
     };
-    debug!(%addr, server_name, "connected to broker");
+    debug!(%url, %addr, server_name, "connected to broker");
     Ok(Connection::Quic { endpoint, conn })
 }
 
@@ -216,7 +268,7 @@ fn tls_failure(alert: u8, reason: &str, server_name: &str, by_broker: bool) -> E
 fn connection_lost(e: &quinn::ConnectionError) -> Error {
     match e {
         quinn::ConnectionError::LocallyClosed => Error::Closed("the client closed the connection".into()),
-        e => Error::Closed(format!("connection to the broker lost: {e}")),
+        e => Error::ConnectionLost(format!("connection to the broker lost: {e}")),
     }
 }
 
@@ -254,14 +306,16 @@ impl FrameWriter {
         }
         let result = match &mut self.half {
             SendHalf::Quic(s) => s.write_all(&self.buf).await.map_err(|e| match e {
-                quinn::WriteError::Stopped(code) => Error::Closed(format!("the broker stopped reading (code {code})")),
+                quinn::WriteError::Stopped(code) => {
+                    Error::ConnectionLost(format!("the broker stopped reading the stream (code {code})"))
+                }
                 quinn::WriteError::ConnectionLost(e) => connection_lost(&e),
-                e => Error::Closed(format!("write to the broker: {e}")),
+                e => Error::ConnectionLost(format!("write to the broker: {e}")),
             }),
             #[cfg(test)]
             SendHalf::Memory(s) => {
                 use tokio::io::AsyncWriteExt;
-                s.write_all(&self.buf).await.map_err(|e| Error::Closed(format!("write to the broker: {e}")))
+                s.write_all(&self.buf).await.map_err(|e| Error::ConnectionLost(format!("write to the broker: {e}")))
             }
         };
         // Keep a modest buffer around, not the largest batch ever written.
@@ -336,18 +390,27 @@ impl FrameReader {
                 Ok(None) => Ok(false),
                 Err(quinn::ReadError::ConnectionLost(e)) => Err(connection_lost(&e)),
                 Err(quinn::ReadError::Reset(code)) => {
-                    Err(Error::Closed(format!("the broker reset the stream (code {code})")))
+                    Err(Error::ConnectionLost(format!("the broker reset the stream (code {code})")))
                 }
-                Err(e) => Err(Error::Closed(format!("read from the broker: {e}"))),
+                Err(e) => Err(Error::ConnectionLost(format!("read from the broker: {e}"))),
             },
             #[cfg(test)]
             RecvHalf::Memory(s) => {
                 use tokio::io::AsyncReadExt;
                 self.buf.reserve(READ_CHUNK_BYTES);
-                let n = s.read_buf(&mut self.buf).await.map_err(|e| Error::Closed(format!("read: {e}")))?;
+                let n = s.read_buf(&mut self.buf).await.map_err(|e| Error::ConnectionLost(format!("read: {e}")))?;
                 Ok(n > 0)
             }
         }
+    }
+
+    /// Puts `frame` back in front of what is buffered, as if it had not been read yet.
+    #[cfg(test)]
+    pub fn unread(&mut self, frame: &Frame) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        buf.extend_from_slice(&self.buf);
+        self.buf = buf;
     }
 }
 
@@ -443,6 +506,38 @@ fn frame_size_hint(f: &Frame) -> usize {
         Frame::Send { payload, .. } | Frame::Message { payload, .. } => 32 + payload.len(),
         Frame::Ack { positions, .. } | Frame::Redeliver { positions } => 16 + 16 * positions.len(),
         _ => 64,
+    }
+}
+
+/// Brokers played by a test: the streams opened to each address go to its receiver.
+#[cfg(test)]
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MemoryNet {
+    brokers: Arc<std::sync::Mutex<std::collections::HashMap<BrokerUrl, MemoryBroker>>>,
+}
+
+/// Where the streams opened to an in-memory broker go.
+#[cfg(test)]
+type MemoryBroker = mpsc::UnboundedSender<(FrameWriter, FrameReader)>;
+
+#[cfg(test)]
+pub(crate) type MemoryStreams = mpsc::UnboundedReceiver<(FrameWriter, FrameReader)>;
+
+#[cfg(test)]
+impl MemoryNet {
+    /// Starts a broker at `url` (`quic://host:port`); its streams arrive on the receiver.
+    pub fn add(&self, url: &str) -> MemoryStreams {
+        let url = BrokerUrl::parse(url).expect("a test broker URL");
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.brokers.lock().unwrap_or_else(|p| p.into_inner()).insert(url, tx);
+        rx
+    }
+
+    fn connect(&self, url: &BrokerUrl) -> Result<Connection, Error> {
+        match self.brokers.lock().unwrap_or_else(|p| p.into_inner()).get(url) {
+            Some(tx) if !tx.is_closed() => Ok(Connection::Memory(tx.clone())),
+            _ => Err(Error::Connect(format!("no answer from {url}: no test broker there"))),
+        }
     }
 }
 

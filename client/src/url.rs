@@ -1,5 +1,7 @@
-//! Broker URLs: `quic://HOST[:PORT]`. Parsing only; resolving the host is the transport's job.
+//! Broker URLs: `quic://HOST[:PORT]`, and service URLs listing several bootstrap brokers,
+//! `quic://HOST[:PORT],HOST[:PORT]...`. Parsing only; resolving hosts is the transport's job.
 
+use std::fmt;
 use std::net::IpAddr;
 
 use crate::Error;
@@ -8,56 +10,81 @@ use crate::Error;
 pub const DEFAULT_PORT: u16 = 6650;
 
 /// A parsed broker URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct BrokerUrl {
     /// Host name or IP literal, without IPv6 brackets.
     pub host: String,
     pub port: u16,
 }
 
+/// Parses a service URL: `quic://` followed by one or more comma-separated `HOST[:PORT]`
+/// (IPv6 literals bracketed). Duplicates are dropped, the order is kept.
+pub(crate) fn parse_service_url(url: &str) -> Result<Vec<BrokerUrl>, Error> {
+    let bad = |why: String| Error::InvalidArgument(format!("invalid broker URL {url:?}: {why}"));
+    let Some(rest) = url.strip_prefix("quic://") else {
+        return Err(bad(
+            "expected quic://HOST[:PORT] or quic://HOST1:PORT1,HOST2:PORT2 (for example quic://127.0.0.1:6650)".into(),
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(bad("expected quic://HOST[:PORT] with no path, query or user".into()));
+    }
+    let parts: Vec<&str> = rest.split(',').collect();
+    let mut brokers: Vec<BrokerUrl> = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let broker = parse_host_port(part.trim()).map_err(|why| {
+            if parts.len() > 1 { bad(format!("broker {} of {}: {why}", i + 1, parts.len())) } else { bad(why.into()) }
+        })?;
+        if !brokers.contains(&broker) {
+            brokers.push(broker);
+        }
+    }
+    Ok(brokers)
+}
+
+/// Parses `HOST[:PORT]`; the error says what is wrong.
+fn parse_host_port(s: &str) -> Result<BrokerUrl, &'static str> {
+    let (host, port) = if let Some(after) = s.strip_prefix('[') {
+        let Some((host, tail)) = after.split_once(']') else {
+            return Err("IPv6 address has no closing ']'");
+        };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("the part in [] is not an IPv6 address");
+        }
+        let port = match tail {
+            "" => None,
+            t => Some(t.strip_prefix(':').ok_or("expected ':PORT' after ']'")?),
+        };
+        (host, port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => return Err("IPv6 addresses must be in brackets: quic://[::1]:6650"),
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("host is empty");
+    }
+    let port = match port {
+        None => DEFAULT_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err("port must be a number from 1 to 65535"),
+            Ok(p) => p,
+        },
+    };
+    Ok(BrokerUrl { host: host.to_ascii_lowercase(), port })
+}
+
 impl BrokerUrl {
     /// Parses `quic://HOST[:PORT][/]`; IPv6 literals are bracketed (`quic://[::1]:6650`).
     pub fn parse(url: &str) -> Result<Self, Error> {
-        let bad = |why: &str| Error::InvalidArgument(format!("invalid broker URL {url:?}: {why}"));
-        let Some(rest) = url.strip_prefix("quic://") else {
-            return Err(bad("expected quic://HOST[:PORT] (for example quic://127.0.0.1:6650)"));
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#', '@']) {
-            return Err(bad("expected quic://HOST[:PORT] with no path, query or user"));
+        let mut brokers = parse_service_url(url)?;
+        if brokers.len() != 1 {
+            return Err(Error::InvalidArgument(format!("invalid broker URL {url:?}: expected one broker")));
         }
-        let (host, port) = if let Some(after) = rest.strip_prefix('[') {
-            let Some((host, tail)) = after.split_once(']') else {
-                return Err(bad("IPv6 address has no closing ']'"));
-            };
-            if host.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(bad("the part in [] is not an IPv6 address"));
-            }
-            let port = match tail {
-                "" => None,
-                t => Some(t.strip_prefix(':').ok_or_else(|| bad("expected ':PORT' after ']'"))?),
-            };
-            (host, port)
-        } else {
-            match rest.rsplit_once(':') {
-                Some((h, _)) if h.contains(':') => {
-                    return Err(bad("IPv6 addresses must be in brackets: quic://[::1]:6650"));
-                }
-                Some((h, p)) => (h, Some(p)),
-                None => (rest, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("host is empty"));
-        }
-        let port = match port {
-            None => DEFAULT_PORT,
-            Some(p) => match p.parse::<u16>() {
-                Ok(0) | Err(_) => return Err(bad("port must be a number from 1 to 65535")),
-                Ok(p) => p,
-            },
-        };
-        Ok(BrokerUrl { host: host.to_string(), port })
+        Ok(brokers.remove(0))
     }
 
     /// The name to check the broker's certificate against: the host, except `localhost` for an
@@ -66,6 +93,18 @@ impl BrokerUrl {
     /// `ClientBuilder::server_name` overrides it.
     pub fn default_server_name(&self) -> String {
         if self.host.parse::<IpAddr>().is_ok() { "localhost".to_string() } else { self.host.clone() }
+    }
+}
+
+/// The canonical form, `quic://host:port` (IPv6 bracketed): two URLs name the same broker
+/// exactly when their canonical forms are equal.
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "quic://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "quic://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -106,6 +145,33 @@ mod tests {
             assert!(matches!(err, Error::InvalidArgument(_)), "{url}: {err:?}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn service_urls_list_several_brokers() {
+        let list = parse_service_url("quic://b1:6651, b2 ,[::1]:7000,B1:6651/").expect("list");
+        assert_eq!(
+            list,
+            vec![
+                BrokerUrl { host: "b1".into(), port: 6651 },
+                BrokerUrl { host: "b2".into(), port: DEFAULT_PORT },
+                BrokerUrl { host: "::1".into(), port: 7000 },
+            ],
+            "duplicates dropped, order kept, hosts lowercased"
+        );
+        let err = parse_service_url("quic://b1:1,,b3").expect_err("empty");
+        assert!(err.to_string().contains("broker 2 of 3: host is empty"), "{err}");
+        let err = parse_service_url("quic://b1:1,b2:x").expect_err("port");
+        assert!(err.to_string().contains("broker 2 of 2: port must be"), "{err}");
+        let err = BrokerUrl::parse("quic://b1,b2").expect_err("one");
+        assert!(err.to_string().contains("expected one broker"), "{err}");
+    }
+
+    #[test]
+    fn display_is_the_canonical_url() {
+        assert_eq!(parse("quic://Broker-0:7000/").to_string(), "quic://broker-0:7000");
+        assert_eq!(parse("quic://[::1]").to_string(), "quic://[::1]:6650");
+        assert_eq!(parse(&parse("quic://[::1]").to_string()), parse("quic://[::1]"));
     }
 
     #[test]

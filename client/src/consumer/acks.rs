@@ -3,8 +3,9 @@
 //! and acknowledges the entry once none is left.
 //!
 //! An entry is tracked from its delivery until it is complete, negatively acknowledged, or
-//! dropped by `clear` (redeliver everything). Acknowledging a message of an untracked entry is a
-//! no-op: the entry was already acknowledged, or it will be delivered again.
+//! dropped by `clear` (redeliver everything) or, if the application has seen none of its
+//! messages, by `retain_handed` (reconnection). Acknowledging a message of an untracked entry is
+//! a no-op: the entry was already acknowledged, or it will be delivered again.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +22,8 @@ struct Entry {
     remaining: u32,
     /// The highest position delivered before this entry first arrived, if lower than it.
     prev_delivered: Option<Position>,
+    /// Some message of it was returned to the application.
+    handed: bool,
 }
 
 impl Entry {
@@ -32,7 +35,7 @@ impl Entry {
         {
             *last = (1u64 << (num_messages % 64)) - 1;
         }
-        Entry { num_messages, unacked, remaining: num_messages, prev_delivered }
+        Entry { num_messages, unacked, remaining: num_messages, prev_delivered, handed: false }
     }
     fn is_unacked(&self, i: u32) -> bool {
         i < self.num_messages && self.unacked[(i / 64) as usize] & (1 << (i % 64)) != 0
@@ -113,6 +116,19 @@ impl AckTracker {
     /// Forgets every entry (all are to be delivered again).
     pub fn clear(&mut self) {
         self.entries.clear();
+    }
+
+    /// Notes that a message of the entry at `position` was returned to the application.
+    pub fn mark_handed(&mut self, position: &Position) {
+        if let Some(e) = self.entries.get_mut(position) {
+            e.handed = true;
+        }
+    }
+
+    /// Forgets the entries the application has seen nothing of (they are delivered again from
+    /// scratch); keeps the others, so that acknowledging their messages still counts.
+    pub fn retain_handed(&mut self) {
+        self.entries.retain(|_, e| e.handed);
     }
 
     /// How many entries are tracked.
@@ -231,5 +247,21 @@ mod tests {
         assert!(t.is_unacked(&id(0, 0)), "a forgotten entry starts over");
         t.clear();
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn retain_handed_keeps_the_entries_the_application_saw() {
+        let mut t = AckTracker::default();
+        t.on_delivered(Position::new(1, 0), 2);
+        t.on_delivered(Position::new(1, 1), 2);
+        t.mark_handed(&Position::new(1, 0));
+        t.ack(&id(0, 0)).expect("ack");
+        t.retain_handed();
+        assert_eq!(t.len(), 1);
+        assert!(!t.is_unacked(&id(1, 0)), "never seen: forgotten");
+        // Delivered again after a reconnection: what was acknowledged stays acknowledged.
+        t.on_delivered(Position::new(1, 0), 2);
+        assert!(!t.is_unacked(&id(0, 0)));
+        assert_eq!(t.ack(&id(0, 1)), Ok(true));
     }
 }

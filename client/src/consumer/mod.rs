@@ -6,12 +6,20 @@
 //! acknowledgements and redelivery requests when they are due. Handle calls change the state and
 //! queue the frames it returns, under the lock, so frames leave in the order of the changes.
 //!
+//! Reconnection: when the stream or its connection ends abnormally (connection lost, the broker
+//! ended the stream, an `Error` with a retryable code such as `NotOwner`), the task looks the
+//! topic up again and subscribes again with the same subscription, name and type; a durable
+//! subscription continues from its stored cursor, a reader from the message after the last one
+//! it returned. See [`state`] for what happens to queued messages, permits and acknowledgements.
+//! If it cannot attach within the operation timeout, the consumer ends with the last cause.
+//!
 //! Must never: wait for the broker while holding the lock, or lose a permit (every delivered
 //! message is eventually counted as taken).
 
 mod acks;
 pub(crate) mod state;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,11 +29,12 @@ use magnetar_common::wire::{Frame, InitialPosition, PROTOCOL_VERSION, SubscribeR
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use self::state::{ConsumerConfig, ConsumerState, decode_entry};
 use crate::client::{Channel, check_short_string, check_topic, random_hex, writer_stopped};
-use crate::transport::{FrameReader, Outbox};
+use crate::lookup::{self, AttachSpec, BACKOFF_MAX, Backoff};
+use crate::transport::Outbox;
 use crate::{Client, Error, ReceivedMessage};
 
 /// Largest receiver queue a consumer may ask for.
@@ -132,7 +141,9 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Attaches the consumer to the subscription (creating the subscription if needed).
+    /// Looks the topic up and attaches the consumer to the subscription on the broker that owns
+    /// it (creating the subscription if needed), retrying what can pass (see
+    /// [`crate::ClientBuilder::operation_timeout`]).
     pub async fn subscribe(self) -> Result<Consumer, Error> {
         check_topic(&self.topic)?;
         validate_subscription_name(&self.subscription)
@@ -154,7 +165,7 @@ impl ConsumerBuilder {
             ))
         })?;
         let consumer_name = self.consumer_name.clone().unwrap_or_else(|| format!("consumer-{}", random_hex()));
-        let request = Frame::Subscribe(SubscribeRequest {
+        let request = SubscribeRequest {
             protocol_version: PROTOCOL_VERSION,
             topic: self.topic.clone(),
             subscription: self.subscription.clone(),
@@ -165,13 +176,19 @@ impl ConsumerBuilder {
             durable: self.durable,
             start: self.start,
             ack_timeout_ms,
-        });
-        let (channel, answer) = self.client.open_channel(request, "subscribe").await?;
-        let topic = match answer {
+        };
+        let spec = AttachSpec {
+            topic: self.topic.clone(),
+            request: Frame::Subscribe(request.clone()),
+            what: "subscribe",
+            reconnect: false,
+        };
+        let attached = lookup::attach(&self.client, &spec, Instant::now() + self.client.operation_timeout()).await?;
+        let topic = match attached.answer {
             Frame::SubscribeReady { topic } => topic,
             other => return Err(Error::Protocol(format!("expected SubscribeReady, got {}", other.name()))),
         };
-        debug!(%topic, subscription = %self.subscription, consumer = %consumer_name, "consumer ready");
+        debug!(%topic, subscription = %self.subscription, consumer = %consumer_name, broker = %attached.broker, "consumer ready");
         let cfg = ConsumerConfig {
             subscription_type: self.subscription_type,
             receiver_queue_size: self.receiver_queue_size,
@@ -181,11 +198,26 @@ impl ConsumerBuilder {
             skip_before: self.skip_before,
         };
         let state = ConsumerState::new(cfg, Arc::from(topic.as_str()));
-        let Channel { outbox, writer_task, reader } = channel;
+        let Channel { outbox, writer_task, reader } = attached.channel;
         outbox.send_all([state.initial_flow()]);
-        let shared =
-            Arc::new(Shared { state: Mutex::new(state), messages: Notify::new(), timers: Notify::new(), outbox });
-        let task = tokio::spawn(run(shared.clone(), reader, writer_task, topic.clone(), consumer_name.clone()));
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner { state, outbox: Some(outbox) }),
+            messages: Notify::new(),
+            timers: Notify::new(),
+            reconnects: AtomicU64::new(0),
+        });
+        let task = Task {
+            shared: shared.clone(),
+            client: self.client.clone(),
+            // Attaching again names the full topic the broker confirmed.
+            request: SubscribeRequest { topic: topic.clone(), ..request },
+            topic: topic.clone(),
+            name: consumer_name.clone(),
+            operation_timeout: self.client.operation_timeout(),
+            up_since: Instant::now(),
+            backoff: Backoff::default(),
+        };
+        let task = tokio::spawn(task.run(reader, writer_task));
         Ok(Consumer {
             shared,
             task,
@@ -258,16 +290,27 @@ impl Consumer {
     /// Whether this consumer receives messages: false for a failover consumer on standby
     /// (until the broker makes it active), true for the other subscription types.
     pub fn is_active(&self) -> bool {
-        self.shared.lock().is_active()
+        self.shared.lock().state.is_active()
+    }
+
+    /// How many times the consumer has subscribed again after losing its stream.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     /// Sends the gathered acknowledgements and closes the consumer on the broker; what was not
     /// acknowledged goes to the subscription's other consumers, or waits for the next one.
+    /// While reconnecting there is no stream: acknowledgements not sent yet are dropped, and
+    /// their messages are delivered again to the subscription.
     pub async fn close(mut self) -> Result<(), Error> {
         self.closed = true;
         self.shared.apply(|s, out| s.close(out));
         self.shared.messages.notify_waiters();
-        self.shared.outbox.finish().await
+        let outbox = self.shared.lock().outbox.clone();
+        match outbox {
+            Some(outbox) => outbox.finish().await,
+            None => Ok(()),
+        }
     }
 
     /// The full topic name.
@@ -292,7 +335,9 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         if !self.closed {
             self.shared.apply(|s, out| s.close(out));
-            self.shared.outbox.finish_later();
+            if let Some(outbox) = &self.shared.lock().outbox {
+                outbox.finish_later();
+            }
         }
         self.task.abort();
     }
@@ -301,31 +346,42 @@ impl Drop for Consumer {
 /// What the handle and the task share.
 #[derive(Debug)]
 struct Shared {
-    state: Mutex<ConsumerState>,
-    /// Woken when messages arrive or the stream ends.
+    inner: Mutex<Inner>,
+    /// Woken when messages arrive or the consumer ends.
     messages: Notify,
     /// Woken when the state's next deadline may have moved earlier.
     timers: Notify,
-    outbox: Outbox,
+    /// Successful re-subscriptions.
+    reconnects: AtomicU64,
+}
+
+/// The state and the current stream's writer queue (none while reconnecting), changed together.
+#[derive(Debug)]
+struct Inner {
+    state: ConsumerState,
+    outbox: Option<Outbox>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the state and queues the frames it produced, under the lock.
+    /// Runs `f` on the state and queues the frames it produced, under the lock. While
+    /// reconnecting they are dropped: the state keeps what the next stream needs.
     fn apply<R>(&self, f: impl FnOnce(&mut ConsumerState, &mut Vec<Frame>) -> R) -> R {
         let mut out = Vec::new();
-        let mut state = self.lock();
-        let before = state.next_deadline();
-        let result = f(&mut state, &mut out);
-        let after = state.next_deadline();
-        if !out.is_empty() {
+        let mut inner = self.lock();
+        let before = inner.state.next_deadline();
+        let result = f(&mut inner.state, &mut out);
+        let after = inner.state.next_deadline();
+        if !out.is_empty()
+            && let Some(outbox) = &inner.outbox
+        {
             // A stopped writer ends the stream; the task then records why.
-            self.outbox.send_all(out);
+            outbox.send_all(out);
         }
-        drop(state);
+        drop(inner);
         if after.is_some() && (before.is_none() || after < before) {
             self.timers.notify_one();
         }
@@ -333,50 +389,142 @@ impl Shared {
     }
 }
 
-/// The consumer's task: reads the stream and sends what timers make due.
-async fn run(
+/// The consumer's task: reads the stream, sends what timers make due, and reconnects.
+struct Task {
     shared: Arc<Shared>,
-    mut reader: FrameReader,
-    mut writer_task: JoinHandle<Result<(), Error>>,
+    client: Client,
+    /// What to subscribe with again.
+    request: SubscribeRequest,
     topic: String,
     name: String,
-) {
-    let end = loop {
-        let deadline = shared.lock().next_deadline().map(Instant::from_std);
-        tokio::select! {
-            frame = reader.next() => match frame {
-                Ok(Some(Frame::Message { position, redelivery_count, payload })) => {
-                    let entry = decode_entry(payload);
-                    shared.apply(|s, out| s.on_message(position, redelivery_count, entry, std::time::Instant::now(), out));
-                    shared.messages.notify_waiters();
-                }
-                Ok(Some(Frame::ActiveConsumerChange { active })) => {
-                    debug!(%topic, consumer = %name, active, "active consumer change");
-                    shared.lock().set_active(active);
-                }
-                Ok(Some(Frame::Error { code, message })) => break Error::broker(code, message),
-                Ok(Some(other)) => {
-                    break Error::Protocol(format!("unexpected {} frame on a consumer stream", other.name()));
-                }
-                Ok(None) => break Error::Closed("the broker closed the consumer".into()),
-                Err(e) => break e,
-            },
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                shared.apply(|s, out| s.poll(std::time::Instant::now(), out));
+    operation_timeout: Duration,
+    /// When the current stream was attached.
+    up_since: Instant,
+    /// Delays before reconnecting when streams keep failing soon after attaching.
+    backoff: Backoff,
+}
+
+impl Task {
+    async fn run(mut self, mut reader: crate::transport::FrameReader, mut writer_task: JoinHandle<Result<(), Error>>) {
+        loop {
+            let end = self.serve(&mut reader, &mut writer_task).await;
+            if self.shared.lock().state.has_ended() {
+                debug!(topic = %self.topic, consumer = %self.name, error = %end, "consumer stream ended after close");
+                return;
             }
-            _ = shared.timers.notified() => {}
-            joined = &mut writer_task => break writer_stopped(joined),
+            if !lookup::should_retry(&end, false) || self.client.pool().is_closed() {
+                warn!(topic = %self.topic, consumer = %self.name, error = %end, "consumer stream ended");
+                self.shared.lock().state.end(end);
+                self.shared.messages.notify_waiters();
+                return;
+            }
+            match self.reconnect(end).await {
+                Ok(channel) => (reader, writer_task) = channel,
+                Err(e) => {
+                    warn!(topic = %self.topic, consumer = %self.name, error = %e, "consumer stopped");
+                    self.shared.lock().state.end(e);
+                    self.shared.messages.notify_waiters();
+                    return;
+                }
+            }
         }
-    };
-    let mut state = shared.lock();
-    if state.has_ended() {
-        debug!(%topic, consumer = %name, error = %end, "consumer stream ended after close");
-    } else {
-        warn!(%topic, consumer = %name, error = %end, "consumer stream ended");
-        state.end(end);
     }
-    drop(state);
-    shared.messages.notify_waiters();
+
+    /// Serves the stream until it ends; returns why.
+    async fn serve(
+        &self,
+        reader: &mut crate::transport::FrameReader,
+        writer_task: &mut JoinHandle<Result<(), Error>>,
+    ) -> Error {
+        let shared = &self.shared;
+        loop {
+            let deadline = shared.lock().state.next_deadline().map(Instant::from_std);
+            tokio::select! {
+                frame = reader.next() => match frame {
+                    Ok(Some(Frame::Message { position, redelivery_count, payload })) => {
+                        let entry = decode_entry(payload);
+                        shared.apply(|s, out| s.on_message(position, redelivery_count, entry, std::time::Instant::now(), out));
+                        shared.messages.notify_waiters();
+                    }
+                    Ok(Some(Frame::ActiveConsumerChange { active })) => {
+                        debug!(topic = %self.topic, consumer = %self.name, active, "active consumer change");
+                        shared.lock().state.set_active(active);
+                    }
+                    Ok(Some(Frame::Error { code, message })) => return Error::broker(code, message),
+                    Ok(Some(other)) => {
+                        return Error::Protocol(format!("unexpected {} frame on a consumer stream", other.name()));
+                    }
+                    Ok(None) => return Error::ConnectionLost("the broker closed the consumer".into()),
+                    Err(e) => return e,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    shared.apply(|s, out| s.poll(std::time::Instant::now(), out));
+                }
+                _ = shared.timers.notified() => {}
+                joined = &mut *writer_task => return writer_stopped(joined),
+            }
+        }
+    }
+
+    /// Subscribes again after the stream ended because of `cause`; returns the new stream's
+    /// reader and writer task.
+    async fn reconnect(
+        &mut self,
+        cause: Error,
+    ) -> Result<(crate::transport::FrameReader, JoinHandle<Result<(), Error>>), Error> {
+        let mut request = self.request.clone();
+        {
+            let mut inner = self.shared.lock();
+            // Dropping the outbox lets the old writer finish the stream, if it still can.
+            inner.outbox = None;
+            inner.state.disconnected();
+            if let Some(resume) = inner.state.resume_position() {
+                request.start = Some(resume);
+            }
+        }
+        info!(topic = %self.topic, consumer = %self.name, %cause, "consumer lost its stream; reconnecting");
+        // A stream that failed soon after attaching waits before the next attempt.
+        if self.up_since.elapsed() >= BACKOFF_MAX {
+            self.backoff = Backoff::default();
+        } else {
+            tokio::time::sleep(self.backoff.next_delay()).await;
+        }
+        let spec = AttachSpec {
+            topic: self.topic.clone(),
+            request: Frame::Subscribe(request),
+            what: "reconnect consumer",
+            reconnect: true,
+        };
+        let attached = lookup::attach(&self.client, &spec, Instant::now() + self.operation_timeout).await?;
+        if !matches!(attached.answer, Frame::SubscribeReady { .. }) {
+            return Err(Error::Protocol(format!("expected SubscribeReady, got {}", attached.answer.name())));
+        }
+        let Channel { outbox, writer_task, reader } = attached.channel;
+        let mut out = Vec::new();
+        {
+            let mut inner = self.shared.lock();
+            if inner.state.has_ended() {
+                // Closed while reconnecting: end the new stream at once.
+                outbox.finish_later();
+            } else {
+                inner.state.reconnected(&mut out);
+                outbox.send_all(out);
+                inner.outbox = Some(outbox);
+            }
+        }
+        self.up_since = Instant::now();
+        let reconnects = self.shared.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            topic = %self.topic,
+            consumer = %self.name,
+            broker = %attached.broker,
+            attempts = attached.attempts,
+            reconnects,
+            "consumer reconnected"
+        );
+        self.shared.timers.notify_one();
+        Ok((reader, writer_task))
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

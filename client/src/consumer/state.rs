@@ -11,8 +11,17 @@
 //!
 //! Acknowledgements are grouped: completed entries are sent at most `ack_group_time` after the
 //! first one, or at once when [`MAX_ACK_GROUP_POSITIONS`] have gathered, and on close.
+//!
+//! Reconnection ([`ConsumerState::disconnected`], [`ConsumerState::reconnected`]): the queue is
+//! dropped, since the broker delivers every unacknowledged entry again to the new stream, and the
+//! new stream gets the whole queue's permits. Entries the application has seen part of stay
+//! tracked, so acknowledging their messages later still counts. Acknowledgements made while
+//! disconnected wait and go out right after re-attaching; since a broker ignores acks of entries
+//! it has not delivered to the subscription yet, those entries are also acknowledged again
+//! instead of queued if they are delivered again. A reader resumes after the last message it
+//! returned.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +36,9 @@ use crate::{Error, ReceivedMessage};
 
 /// Most completed entries gathered before an acknowledgement is sent regardless of time.
 pub(crate) const MAX_ACK_GROUP_POSITIONS: usize = 1000;
+/// Most entries remembered, after a reconnection, to acknowledge again if delivered again. One
+/// beyond it is at worst delivered twice.
+pub(crate) const MAX_REACK_POSITIONS: usize = 100_000;
 
 /// What a consumer was configured with.
 #[derive(Debug, Clone)]
@@ -65,8 +77,16 @@ pub(crate) struct ConsumerState {
     /// Negatively acknowledged entries and when to ask for their redelivery, in time order.
     nacks: VecDeque<(Instant, Position)>,
     active: bool,
-    /// Why the stream ended, once it has.
+    /// Why the consumer ended, once it has.
     end: Option<Error>,
+    /// A stream is attached. While not, acknowledgements wait and nothing is sent.
+    connected: bool,
+    /// Entries acknowledged while disconnected (or not sent before): if delivered again, they
+    /// are acknowledged again rather than queued.
+    reack: BTreeSet<Position>,
+    reack_cumulative: Option<Position>,
+    /// A reader's last message returned to the application.
+    last_returned: Option<MessageId>,
 }
 
 impl ConsumerState {
@@ -85,6 +105,10 @@ impl ConsumerState {
             nacks: VecDeque::new(),
             active,
             end: None,
+            connected: true,
+            reack: BTreeSet::new(),
+            reack_cumulative: None,
+            last_returned: None,
         }
     }
 
@@ -114,6 +138,26 @@ impl ConsumerState {
         now: Instant,
         out: &mut Vec<Frame>,
     ) {
+        let cumulative = self.reack_cumulative.filter(|c| position <= *c);
+        if cumulative.is_some() || self.reack.remove(&position) {
+            // Acknowledged before the reconnection: acknowledge it again now that the broker has
+            // delivered it, instead of handing it to the application twice.
+            if cumulative.is_some() {
+                self.pending_cumulative = self.pending_cumulative.max(Some(position));
+                if cumulative == Some(position) {
+                    self.reack_cumulative = None;
+                }
+            } else {
+                self.pending_acks.push(position);
+            }
+            let n = match &entry {
+                Ok((_, messages)) => messages.len() as u32,
+                Err((claimed, _)) => *claimed,
+            };
+            self.take(n, out);
+            self.arm_acks(now, out);
+            return;
+        }
         let (header, messages) = match entry {
             Ok(decoded) => decoded,
             Err((claimed, e)) => {
@@ -167,7 +211,10 @@ impl ConsumerState {
         let Some(m) = self.queue.pop_front() else { return self.end.clone().map(Err) };
         self.take(1, out);
         if self.cfg.reader {
+            self.last_returned = Some(m.id);
             self.reader_ack(&m.id, now, out);
+        } else {
+            self.tracker.mark_handed(&m.id.position);
         }
         Some(Ok(m))
     }
@@ -223,6 +270,10 @@ impl ConsumerState {
         if dropped > 0 {
             self.take(dropped, out);
         }
+        if !self.connected {
+            // The new stream gets every unacknowledged entry anyway.
+            return Ok(());
+        }
         if self.cfg.nack_redelivery_delay.is_zero() {
             out.push(Frame::Redeliver { positions: vec![id.position] });
         } else {
@@ -255,6 +306,9 @@ impl ConsumerState {
     }
 
     fn arm_acks(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        if !self.connected {
+            return;
+        }
         if self.pending_acks.len() >= MAX_ACK_GROUP_POSITIONS || self.cfg.ack_group_time.is_zero() {
             self.flush_acks(out);
         } else if self.ack_deadline.is_none() {
@@ -266,6 +320,9 @@ impl ConsumerState {
     /// not cover.
     pub fn flush_acks(&mut self, out: &mut Vec<Frame>) {
         self.ack_deadline = None;
+        if !self.connected {
+            return;
+        }
         if let Some(p) = self.pending_cumulative.take() {
             out.push(Frame::Ack { cumulative: true, positions: vec![p] });
             self.pending_acks.retain(|q| *q > p);
@@ -325,6 +382,46 @@ impl ConsumerState {
     /// Whether the stream has ended or the consumer was closed.
     pub fn has_ended(&self) -> bool {
         self.end.is_some()
+    }
+
+    /// The stream is gone. Queued messages are dropped: the broker delivers every unacknowledged
+    /// entry again to the next stream. Acknowledgements made from now on wait for it.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+        self.queue.clear();
+        self.taken = 0;
+        self.nacks.clear();
+        self.ack_deadline = None;
+        self.active = self.cfg.subscription_type != SubscriptionType::Failover;
+        if self.cfg.reader {
+            // The next stream is a new non-durable subscription, starting at the entry of the
+            // last message returned: nothing of the old one needs acknowledging.
+            self.tracker.clear();
+            self.pending_acks.clear();
+            self.pending_cumulative = None;
+            if let Some(last) = self.last_returned {
+                let next = MessageId { position: last.position, batch_index: last.batch_index.saturating_add(1) };
+                self.cfg.skip_before = Some(next);
+            }
+        } else {
+            self.tracker.retain_handed();
+        }
+    }
+
+    /// Where a reader's next stream starts: the entry of the last message it returned (the
+    /// messages up to that one are skipped), if any.
+    pub fn resume_position(&self) -> Option<Position> {
+        self.last_returned.map(|m| m.position)
+    }
+
+    /// Attached again: grants the whole queue and sends the acknowledgements that waited,
+    /// remembering them in case their entries are delivered again.
+    pub fn reconnected(&mut self, out: &mut Vec<Frame>) {
+        self.connected = true;
+        out.push(self.initial_flow());
+        self.reack = self.pending_acks.iter().copied().take(MAX_REACK_POSITIONS).collect();
+        self.reack_cumulative = self.pending_cumulative;
+        self.flush_acks(out);
     }
 
     /// Closing: sends what is gathered and refuses everything after.

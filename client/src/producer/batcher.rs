@@ -15,6 +15,10 @@
 //!
 //! Sequence ids count messages from 0 per producer; a batch's id is its first message's.
 //! Receipts come in batch order; message `i` of a batch gets `MessageId(position, i)`.
+//!
+//! A batch keeps its payload until its outcome is known, so that after a reconnection every
+//! unconfirmed batch can be sent again ([`ProducerState::resend`]), in order and with the same
+//! sequence ids, before any newer one.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -124,10 +128,12 @@ struct OpenBatch<W> {
     opened_at: Instant,
 }
 
-/// A batch sent and waiting for its receipt.
+/// A batch sent (or to be sent once reconnected) and waiting for its receipt.
 #[derive(Debug)]
 struct InFlight<W> {
     sequence_id: u64,
+    num_messages: u32,
+    payload: Bytes,
     waiters: Vec<W>,
 }
 
@@ -213,8 +219,28 @@ impl<W> ProducerState<W> {
             _ => Compression::None,
         };
         let payload = self.builder.finish(compression, &self.name, open.first_sequence_id, publish_time_ms);
-        out.push(Frame::Send { sequence_id: open.first_sequence_id, num_messages, payload });
-        self.in_flight.push_back(InFlight { sequence_id: open.first_sequence_id, waiters: open.waiters });
+        out.push(Frame::Send { sequence_id: open.first_sequence_id, num_messages, payload: payload.clone() });
+        self.in_flight.push_back(InFlight {
+            sequence_id: open.first_sequence_id,
+            num_messages,
+            payload,
+            waiters: open.waiters,
+        });
+    }
+
+    /// The `Send` frames of every batch still waiting for its outcome, oldest first: what a new
+    /// stream must carry before anything newer.
+    pub fn resend(&self, out: &mut Vec<Frame>) {
+        out.extend(self.in_flight.iter().map(|f| Frame::Send {
+            sequence_id: f.sequence_id,
+            num_messages: f.num_messages,
+            payload: f.payload.clone(),
+        }));
+    }
+
+    /// How many batches wait for their outcome.
+    pub fn batches_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// When the open batch must be sent at the latest.
@@ -474,6 +500,30 @@ mod tests {
         assert_eq!(s.on_receipt(0, Position::new(1, 0)).expect("receipt").len(), 1);
         assert_eq!(s.on_receipt(2, Position::new(1, 1)).expect("receipt"), vec![(2, MessageId::new(1, 1, 0))]);
         assert!(s.on_send_error(7, ErrorCode::Internal, "x").is_err());
+    }
+
+    #[test]
+    fn resend_repeats_the_unconfirmed_batches_in_order() {
+        let mut s = state(BatchPolicy { enabled: false, ..Default::default() }, MAX);
+        let mut sent = Vec::new();
+        for i in 0..4 {
+            push(&mut s, msg(None, 3), i, &mut sent);
+        }
+        assert_eq!(s.on_receipt(0, Position::new(1, 0)).expect("receipt").len(), 1);
+        let mut again = Vec::new();
+        s.resend(&mut again);
+        assert_eq!(again, sent[1..].to_vec(), "the same frames: sequence ids and payloads");
+        assert_eq!(s.batches_in_flight(), 3);
+        // Receipts for the resent batches resolve each waiter once.
+        for (seq, w) in [(1, 1), (2, 2), (3, 3)] {
+            assert_eq!(
+                s.on_receipt(seq, Position::new(2, seq)).expect("receipt"),
+                vec![(w, MessageId::new(2, seq, 0))]
+            );
+        }
+        again.clear();
+        s.resend(&mut again);
+        assert!(again.is_empty());
     }
 
     #[test]

@@ -5,13 +5,22 @@
 //! hands frames to the stream's writer task. A message keeps its slot until its outcome is
 //! known, so at most `max_pending_messages` are queued or in flight.
 //!
-//! Must never: leave a caller waiting once the stream or connection is gone (every pending
-//! message then fails with the cause), or reorder messages.
+//! Reconnection: when the stream or its connection ends abnormally (connection lost, the broker
+//! ended the stream, an `Error` or `SendError` with a retryable code such as `NotOwner`), the
+//! task keeps every batch whose outcome is unknown, looks the topic up again, attaches with the
+//! same producer name and resends those batches in their order and with their sequence ids,
+//! before any newer batch. Meanwhile it keeps taking messages, up to the pending limit. If it
+//! cannot attach within the operation timeout, the producer stops and everything pending fails
+//! with the last cause. A batch may thus be stored twice (at least once), never out of order.
+//!
+//! Must never: leave a caller waiting once the producer has stopped (every pending message then
+//! fails with the cause), resolve a receipt twice, or reorder messages.
 
 mod batcher;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,10 +30,11 @@ use magnetar_common::ids::MessageId;
 use magnetar_common::wire::{Frame, PROTOCOL_VERSION, ProducerRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use self::batcher::{BatchPolicy, ProducerState, check_message};
 use crate::client::{Channel, check_short_string, check_topic, now_ms, writer_stopped};
+use crate::lookup::{self, AttachSpec, Attached, BACKOFF_MAX, Backoff};
 use crate::{Client, Error, OutgoingMessage};
 
 /// Most commands the task takes in one go before it sends what they produced.
@@ -84,12 +94,14 @@ impl ProducerBuilder {
     }
 
     /// Most messages queued or waiting for a receipt (default 10,000); sending waits for room.
+    /// Their payloads are kept until their receipt, to be sent again after a reconnection.
     pub fn max_pending_messages(mut self, max: usize) -> Self {
         self.max_pending_messages = max;
         self
     }
 
-    /// Opens the producer on the broker.
+    /// Looks the topic up and opens the producer on the broker that owns it, retrying what can
+    /// pass (see [`crate::ClientBuilder::operation_timeout`]).
     pub async fn create(self) -> Result<Producer, Error> {
         check_topic(&self.topic)?;
         if let Some(name) = &self.name {
@@ -108,8 +120,9 @@ impl ProducerBuilder {
             topic: self.topic.clone(),
             producer_name: self.name.clone().unwrap_or_default(),
         });
-        let (channel, answer) = self.client.open_channel(request, "create producer").await?;
-        let (name, topic, max_message_bytes) = match answer {
+        let spec = AttachSpec { topic: self.topic.clone(), request, what: "create producer", reconnect: false };
+        let attached = lookup::attach(&self.client, &spec, Instant::now() + self.client.operation_timeout()).await?;
+        let (name, topic, max_message_bytes) = match attached.answer {
             Frame::ProducerReady { producer_name, topic, max_message_bytes } if max_message_bytes > 0 => {
                 (producer_name, topic, max_message_bytes as usize)
             }
@@ -120,15 +133,20 @@ impl ProducerBuilder {
                 return Err(Error::Protocol(format!("expected ProducerReady, got {}", other.name())));
             }
         };
-        debug!(%topic, producer = %name, max_message_bytes, "producer ready");
-        let shared =
-            Arc::new(Shared { error: Mutex::new(None), permits: Arc::new(Semaphore::new(self.max_pending_messages)) });
+        debug!(%topic, producer = %name, broker = %attached.broker, max_message_bytes, "producer ready");
+        let shared = Arc::new(Shared {
+            error: Mutex::new(None),
+            permits: Arc::new(Semaphore::new(self.max_pending_messages)),
+            reconnects: AtomicU64::new(0),
+        });
         let (commands, rx) = mpsc::unbounded_channel();
         let task = Task {
+            client: self.client.clone(),
             state: ProducerState::new(name.clone(), self.policy, max_message_bytes),
             commands: rx,
-            channel,
-            writer_done: false,
+            link: Link::Up { channel: attached.channel, writer_done: false },
+            up_since: Instant::now(),
+            backoff: Backoff::default(),
             shared: shared.clone(),
             flush_waiters: Vec::new(),
             closing: None,
@@ -164,7 +182,8 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Publishes a message and waits until the broker has stored it.
+    /// Publishes a message and waits until the broker has stored it. While the producer
+    /// reconnects, this waits (up to the operation timeout of the reconnection).
     pub async fn send(&self, message: impl Into<OutgoingMessage>) -> Result<MessageId, Error> {
         self.send_async(message).await?.await
     }
@@ -221,6 +240,11 @@ impl Producer {
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_bytes
     }
+
+    /// How many times the producer has attached again after losing its stream.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
 }
 
 /// Resolves to the message's id once the broker has stored it. Dropping it does not cancel
@@ -249,6 +273,8 @@ struct Shared {
     error: Mutex<Option<Error>>,
     /// One permit per message queued or waiting for its receipt.
     permits: Arc<Semaphore>,
+    /// Successful re-attachments.
+    reconnects: AtomicU64,
 }
 
 impl Shared {
@@ -292,12 +318,45 @@ struct Closing {
     deadline: Instant,
 }
 
+/// The producer's stream, or the attempt to get a new one.
+enum Link {
+    Up { channel: Channel, writer_done: bool },
+    Down { attach: Pin<Box<dyn Future<Output = Result<Attached, Error>> + Send>> },
+}
+
+/// What happened on the link.
+enum LinkEvent {
+    Frame(Result<Option<Frame>, Error>),
+    WriterStopped(Error),
+    Attached(Result<Attached, Error>),
+}
+
+impl Link {
+    /// The next event. Cancel-safe: the reader is, and the attempt lives in the link.
+    async fn event(&mut self) -> LinkEvent {
+        match self {
+            Link::Up { channel, writer_done } => tokio::select! {
+                frame = channel.reader.next() => LinkEvent::Frame(frame),
+                joined = &mut channel.writer_task, if !*writer_done => {
+                    *writer_done = true;
+                    LinkEvent::WriterStopped(writer_stopped(joined))
+                }
+            },
+            Link::Down { attach } => LinkEvent::Attached(attach.await),
+        }
+    }
+}
+
 /// The producer's task: owns the state machine and the stream.
 struct Task {
+    client: Client,
     state: ProducerState<Pending>,
     commands: mpsc::UnboundedReceiver<Command>,
-    channel: Channel,
-    writer_done: bool,
+    link: Link,
+    /// When the current stream was attached.
+    up_since: Instant,
+    /// Delays before reconnecting when streams keep failing soon after attaching.
+    backoff: Backoff,
     shared: Arc<Shared>,
     /// Flush callers and the sequence id up to which (exclusive) they wait.
     flush_waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
@@ -313,7 +372,11 @@ impl Task {
         let end = self.serve().await;
         match end {
             Ok(()) => {
-                let result = self.channel.outbox.finish().await;
+                let result = match &self.link {
+                    Link::Up { channel, .. } => channel.outbox.finish().await,
+                    // Nothing was pending: there is no stream to finish.
+                    Link::Down { .. } => Ok(()),
+                };
                 if let Err(e) = &result {
                     debug!(topic = %self.topic, producer = %self.name, error = %e, "finish producer stream");
                 }
@@ -326,7 +389,7 @@ impl Task {
         }
     }
 
-    /// Serves until closed (`Ok`) or until the stream fails (`Err`).
+    /// Serves until closed (`Ok`) or until the producer fails for good (`Err`).
     async fn serve(&mut self) -> Result<(), Error> {
         loop {
             let batch_deadline = self.state.deadline().map(Instant::from_std);
@@ -345,9 +408,17 @@ impl Task {
                     // Every handle is gone: close as if asked to.
                     None => self.start_close(None),
                 },
-                frame = self.channel.reader.next() => match frame? {
-                    Some(frame) => self.on_frame(frame)?,
-                    None => return Err(Error::Closed("the broker closed the producer".into())),
+                event = self.link.event() => match event {
+                    LinkEvent::Frame(Ok(Some(frame))) => {
+                        if let Err(e) = self.on_frame(frame) {
+                            self.disconnected(e)?;
+                        }
+                    }
+                    LinkEvent::Frame(Ok(None)) => {
+                        self.disconnected(Error::ConnectionLost("the broker closed the producer".into()))?;
+                    }
+                    LinkEvent::Frame(Err(e)) | LinkEvent::WriterStopped(e) => self.disconnected(e)?,
+                    LinkEvent::Attached(attached) => self.reattached(attached?)?,
                 },
                 _ = sleep_until(batch_deadline), if batch_deadline.is_some() => {
                     self.state.flush(now_ms(), &mut self.out);
@@ -355,14 +426,16 @@ impl Task {
                 _ = sleep_until(close_deadline), if close_deadline.is_some() => {
                     return Err(Error::Timeout("close producer: wait for the broker's receipts"));
                 }
-                joined = &mut self.channel.writer_task, if !self.writer_done => {
-                    self.writer_done = true;
-                    return Err(writer_stopped(joined));
-                }
             }
-            if !self.out.is_empty() {
+            match &self.link {
                 // A stopped writer reports its error through its join handle.
-                self.channel.outbox.send_all(self.out.drain(..));
+                Link::Up { channel, .. } => {
+                    if !self.out.is_empty() {
+                        channel.outbox.send_all(self.out.drain(..));
+                    }
+                }
+                // The batcher keeps the batches; they are sent once attached again.
+                Link::Down { .. } => self.out.clear(),
             }
             self.resolve_flush_waiters();
             if self.closing.is_some() && self.state.is_idle() {
@@ -392,12 +465,17 @@ impl Task {
         self.closing = Some(Closing { reply, deadline: Instant::now() + self.operation_timeout });
     }
 
+    /// Handles a broker frame; an error ends the stream (and may lead to a reconnection).
     fn on_frame(&mut self, frame: Frame) -> Result<(), Error> {
         match frame {
             Frame::SendReceipt { sequence_id, position } => {
                 for (pending, id) in self.state.on_receipt(sequence_id, position)? {
                     pending.resolve(Ok(id));
                 }
+            }
+            // The batch may be stored on a new stream (after it, in order, everything later).
+            Frame::SendError { code, message, .. } if code.is_retryable() => {
+                return Err(Error::broker(code, message));
             }
             Frame::SendError { sequence_id, code, message } => {
                 let (failed, e) = self.state.on_send_error(sequence_id, code, &message)?;
@@ -411,6 +489,76 @@ impl Task {
                 return Err(Error::Protocol(format!("unexpected {} frame on a producer stream", other.name())));
             }
         }
+        Ok(())
+    }
+
+    /// The stream ended because of `cause`: starts attaching again if that can help, else
+    /// returns the cause (the producer stops).
+    fn disconnected(&mut self, cause: Error) -> Result<(), Error> {
+        if !lookup::should_retry(&cause, false) || self.client.pool().is_closed() {
+            return Err(cause);
+        }
+        // A stream that failed soon after attaching waits before the next attempt; otherwise
+        // the first attempt is immediate.
+        let delay = if self.up_since.elapsed() >= BACKOFF_MAX {
+            self.backoff = Backoff::default();
+            Duration::ZERO
+        } else {
+            self.backoff.next_delay()
+        };
+        info!(
+            topic = %self.topic,
+            producer = %self.name,
+            %cause,
+            pending_batches = self.state.batches_in_flight(),
+            "producer lost its stream; reconnecting"
+        );
+        let spec = AttachSpec {
+            topic: self.topic.clone(),
+            request: Frame::Producer(ProducerRequest {
+                protocol_version: PROTOCOL_VERSION,
+                topic: self.topic.clone(),
+                producer_name: self.name.clone(),
+            }),
+            what: "reconnect producer",
+            reconnect: true,
+        };
+        let client = self.client.clone();
+        let deadline = Instant::now() + self.operation_timeout;
+        // Replacing the link drops the old stream; its writer finishes it if it still can.
+        self.link = Link::Down {
+            attach: Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                lookup::attach(&client, &spec, deadline).await
+            }),
+        };
+        Ok(())
+    }
+
+    /// Attached again: every batch without an outcome goes out first, in order.
+    fn reattached(&mut self, attached: Attached) -> Result<(), Error> {
+        match &attached.answer {
+            Frame::ProducerReady { producer_name, .. } if *producer_name != self.name => {
+                warn!(topic = %self.topic, producer = %self.name, new_name = %producer_name, "the broker renamed the producer");
+            }
+            Frame::ProducerReady { .. } => {}
+            other => return Err(Error::Protocol(format!("expected ProducerReady, got {}", other.name()))),
+        }
+        self.link = Link::Up { channel: attached.channel, writer_done: false };
+        self.up_since = Instant::now();
+        let resent = self.state.batches_in_flight();
+        // Nothing else is queued while disconnected (see serve), so these come first.
+        self.state.resend(&mut self.out);
+        let reconnects = self.shared.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            topic = %self.topic,
+            producer = %self.name,
+            broker = %attached.broker,
+            attempts = attached.attempts,
+            resent_batches = resent,
+            reconnects,
+            "producer reconnected"
+        );
         Ok(())
     }
 
