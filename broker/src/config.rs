@@ -183,7 +183,7 @@ impl Default for LimitsConfig {
             max_pending_publishes_per_connection: 10_000,
             max_publish_memory: ByteSize::mib(128),
             max_streams_per_connection: 1000,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(10),
         }
     }
 }
