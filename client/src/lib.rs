@@ -58,6 +58,13 @@
 //! Reconnections are logged at INFO and counted ([`Producer::reconnects`],
 //! [`Consumer::reconnects`]).
 //!
+//! Dead-letter topics are handled here, in the client, like Pulsar's: with a
+//! [`DeadLetterPolicy`] ([`ConsumerBuilder::dead_letter_policy`]) a message is handed to the
+//! application at most `max_redeliveries + 1` times; on its next delivery the consumer publishes
+//! it to the dead-letter topic (`<topic>-<subscription>-DLQ` by default) with
+//! [`PROPERTY_REAL_TOPIC`], [`PROPERTY_ORIGIN_SUBSCRIPTION`] and [`PROPERTY_ORIGIN_MESSAGE_ID`]
+//! added, and acknowledges it only once the broker has stored it there.
+//!
 //! Not yet: send timeouts and platform trust roots.
 //!
 //! Layout: `transport` is the only module that touches QUIC and TLS; `pool` holds the
@@ -79,7 +86,10 @@ mod url;
 pub use client::{
     Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_IDLE_TIMEOUT, DEFAULT_OPERATION_TIMEOUT,
 };
-pub use consumer::{Consumer, ConsumerBuilder, MAX_RECEIVER_QUEUE_SIZE};
+pub use consumer::{
+    Consumer, ConsumerBuilder, DeadLetterPolicy, MAX_DEAD_LETTER_ENTRIES_IN_FLIGHT, MAX_RECEIVER_QUEUE_SIZE,
+    PROPERTY_ORIGIN_MESSAGE_ID, PROPERTY_ORIGIN_SUBSCRIPTION, PROPERTY_REAL_TOPIC,
+};
 pub use error::Error;
 pub use magnetar_common::batch::Compression;
 pub use magnetar_common::ids::{MessageId, Position};

@@ -13,10 +13,14 @@
 //! it returned. See [`state`] for what happens to queued messages, permits and acknowledgements.
 //! If it cannot attach within the operation timeout, the consumer ends with the last cause.
 //!
+//! Dead letters: with a [`DeadLetterPolicy`], entries delivered too often go to a second task
+//! ([`dead_letter`]) that publishes them to the dead-letter topic and then acknowledges them.
+//!
 //! Must never: wait for the broker while holding the lock, or lose a permit (every delivered
 //! message is eventually counted as taken).
 
 mod acks;
+pub(crate) mod dead_letter;
 pub(crate) mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +35,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use self::dead_letter::DeadLetterTask;
+pub use self::dead_letter::{
+    DeadLetterPolicy, MAX_DEAD_LETTER_ENTRIES_IN_FLIGHT, PROPERTY_ORIGIN_MESSAGE_ID, PROPERTY_ORIGIN_SUBSCRIPTION,
+    PROPERTY_REAL_TOPIC,
+};
 use self::state::{ConsumerConfig, ConsumerState, decode_entry};
 use crate::client::{Channel, check_short_string, check_topic, random_hex, writer_stopped};
 use crate::lookup::{self, AttachSpec, BACKOFF_MAX, Backoff};
@@ -54,6 +63,7 @@ pub struct ConsumerBuilder {
     nack_redelivery_delay: Duration,
     ack_group_time: Duration,
     ack_timeout: Duration,
+    dead_letter: Option<DeadLetterPolicy>,
     // Set by readers only.
     durable: bool,
     start: Option<Position>,
@@ -75,6 +85,7 @@ impl ConsumerBuilder {
             nack_redelivery_delay: Duration::from_secs(1),
             ack_group_time: Duration::from_millis(10),
             ack_timeout: Duration::ZERO,
+            dead_letter: None,
             durable: true,
             start: None,
             reader: false,
@@ -132,12 +143,22 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Sends messages delivered more than `policy.max_redeliveries` times again to a
+    /// dead-letter topic instead of the application, then acknowledges them (default: none).
+    /// A message thus reaches the application at most `max_redeliveries + 1` times. Done by the
+    /// client, like Pulsar's `DeadLetterPolicy`: see [`DeadLetterPolicy`].
+    pub fn dead_letter_policy(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter = Some(policy);
+        self
+    }
+
     pub(crate) fn into_reader(mut self, start: Option<MessageId>) -> Self {
         self.durable = false;
         self.reader = true;
         self.subscription_type = SubscriptionType::Exclusive;
         self.start = start.map(|id| id.position);
         self.skip_before = start.filter(|id| id.batch_index > 0);
+        self.dead_letter = None;
         self
     }
 
@@ -164,6 +185,8 @@ impl ConsumerBuilder {
                 u32::MAX
             ))
         })?;
+        let dead_letter_topic =
+            self.dead_letter.as_ref().map(|p| p.resolve(&self.topic, &self.subscription)).transpose()?;
         let consumer_name = self.consumer_name.clone().unwrap_or_else(|| format!("consumer-{}", random_hex()));
         let request = SubscribeRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -196,6 +219,7 @@ impl ConsumerBuilder {
             ack_group_time: self.ack_group_time,
             reader: self.reader,
             skip_before: self.skip_before,
+            max_redeliveries: self.dead_letter.as_ref().map(|p| p.max_redeliveries),
         };
         let state = ConsumerState::new(cfg, Arc::from(topic.as_str()));
         let Channel { outbox, writer_task, reader } = attached.channel;
@@ -204,7 +228,20 @@ impl ConsumerBuilder {
             inner: Mutex::new(Inner { state, outbox: Some(outbox) }),
             messages: Notify::new(),
             timers: Notify::new(),
+            dead_letters: Notify::new(),
             reconnects: AtomicU64::new(0),
+        });
+        let dead_letter_task = dead_letter_topic.map(|dead_letter_topic| {
+            tokio::spawn(
+                DeadLetterTask {
+                    shared: shared.clone(),
+                    client: self.client.clone(),
+                    dead_letter_topic,
+                    subscription: self.subscription.clone(),
+                    producer: None,
+                }
+                .run(),
+            )
         });
         let task = Task {
             shared: shared.clone(),
@@ -221,6 +258,7 @@ impl ConsumerBuilder {
         Ok(Consumer {
             shared,
             task,
+            dead_letter_task,
             topic,
             subscription: self.subscription,
             consumer_name,
@@ -238,6 +276,8 @@ impl ConsumerBuilder {
 pub struct Consumer {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// Publishes dead letters, with a [`DeadLetterPolicy`].
+    dead_letter_task: Option<JoinHandle<()>>,
     topic: String,
     subscription: String,
     consumer_name: String,
@@ -301,11 +341,15 @@ impl Consumer {
     /// Sends the gathered acknowledgements and closes the consumer on the broker; what was not
     /// acknowledged goes to the subscription's other consumers, or waits for the next one.
     /// While reconnecting there is no stream: acknowledgements not sent yet are dropped, and
-    /// their messages are delivered again to the subscription.
+    /// their messages are delivered again to the subscription. So are entries whose
+    /// dead-lettering is not finished.
     pub async fn close(mut self) -> Result<(), Error> {
         self.closed = true;
         self.shared.apply(|s, out| s.close(out));
         self.shared.messages.notify_waiters();
+        if let Some(t) = &self.dead_letter_task {
+            t.abort();
+        }
         let outbox = self.shared.lock().outbox.clone();
         match outbox {
             Some(outbox) => outbox.finish().await,
@@ -340,6 +384,9 @@ impl Drop for Consumer {
             }
         }
         self.task.abort();
+        if let Some(t) = &self.dead_letter_task {
+            t.abort();
+        }
     }
 }
 
@@ -351,6 +398,8 @@ struct Shared {
     messages: Notify,
     /// Woken when the state's next deadline may have moved earlier.
     timers: Notify,
+    /// Woken when entries wait to be dead-lettered.
+    dead_letters: Notify,
     /// Successful re-subscriptions.
     reconnects: AtomicU64,
 }
@@ -445,6 +494,7 @@ impl Task {
                         let entry = decode_entry(payload);
                         shared.apply(|s, out| s.on_message(position, redelivery_count, entry, std::time::Instant::now(), out));
                         shared.messages.notify_waiters();
+                        shared.dead_letters.notify_one();
                     }
                     Ok(Some(Frame::ActiveConsumerChange { active })) => {
                         debug!(topic = %self.topic, consumer = %self.name, active, "active consumer change");

@@ -20,8 +20,16 @@
 //! it has not delivered to the subscription yet, those entries are also acknowledged again
 //! instead of queued if they are delivered again. A reader resumes after the last message it
 //! returned.
+//!
+//! Dead letters (with `max_redeliveries` set): an entry delivered with a redelivery count above
+//! it is not queued; its unacknowledged messages wait in [`ConsumerState::take_dead_letters`] for
+//! the consumer's dead-letter task, which publishes them and reports with
+//! [`ConsumerState::dead_lettered`]. Only then is the entry acknowledged (on success) or asked
+//! for again after the nack delay (on failure). Its permits count as taken only once it is
+//! reported, so at most a receiver queue's worth of messages waits to be dead-lettered. An
+//! entry delivered again while its dead-lettering is under way is skipped.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +59,16 @@ pub(crate) struct ConsumerConfig {
     pub reader: bool,
     /// A reader starting at a message id skips the messages before it in its entry.
     pub skip_before: Option<MessageId>,
+    /// Entries delivered with a redelivery count above this go to the dead-letter topic
+    /// instead of the application (none: never).
+    pub max_redeliveries: Option<u32>,
+}
+
+/// An entry to publish to the dead-letter topic: its messages not acknowledged yet.
+#[derive(Debug)]
+pub(crate) struct DeadLetter {
+    pub position: Position,
+    pub messages: Vec<ReceivedMessage>,
 }
 
 /// A decoded entry, or why it could not be decoded and how many messages its header claims.
@@ -87,6 +105,11 @@ pub(crate) struct ConsumerState {
     reack_cumulative: Option<Position>,
     /// A reader's last message returned to the application.
     last_returned: Option<MessageId>,
+    /// Dead letters not yet taken by the dead-letter task.
+    dead_letters: VecDeque<DeadLetter>,
+    /// Entries being dead-lettered (waiting or taken), with the permits their delivery used
+    /// (zeroed by a reconnection, which grants the whole queue again).
+    dead_lettering: BTreeMap<Position, u32>,
 }
 
 impl ConsumerState {
@@ -109,6 +132,8 @@ impl ConsumerState {
             reack: BTreeSet::new(),
             reack_cumulative: None,
             last_returned: None,
+            dead_letters: VecDeque::new(),
+            dead_lettering: BTreeMap::new(),
         }
     }
 
@@ -167,6 +192,12 @@ impl ConsumerState {
                 return;
             }
         };
+        if let Some(max) = self.cfg.max_redeliveries
+            && redelivery_count > max
+        {
+            self.dead_letter(position, redelivery_count, header, messages, out);
+            return;
+        }
         self.tracker.on_delivered(position, messages.len() as u32);
         let producer_name: Arc<str> = Arc::from(header.producer_name.as_str());
         let mut dropped = 0;
@@ -202,6 +233,79 @@ impl ConsumerState {
         }
         if dropped > 0 {
             self.take(dropped, out);
+        }
+    }
+
+    /// An entry past the maximum redelivery count: its unacknowledged messages wait for the
+    /// dead-letter task instead of the application.
+    fn dead_letter(
+        &mut self,
+        position: Position,
+        redelivery_count: u32,
+        header: BatchHeader,
+        messages: Vec<batch::Message>,
+        out: &mut Vec<Frame>,
+    ) {
+        let n = messages.len() as u32;
+        if self.dead_lettering.contains_key(&position) {
+            // Delivered again while its dead-lettering is under way (after a reconnection, an
+            // ack timeout): that one decides.
+            self.take(n, out);
+            return;
+        }
+        self.tracker.on_delivered(position, n);
+        let producer_name: Arc<str> = Arc::from(header.producer_name.as_str());
+        let messages: Vec<ReceivedMessage> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| ReceivedMessage {
+                id: MessageId { position, batch_index: i as u32 },
+                topic: self.topic.clone(),
+                key: m.key,
+                properties: m.properties,
+                event_time_ms: m.event_time_ms,
+                publish_time_ms: header.publish_time_ms,
+                producer_name: producer_name.clone(),
+                sequence_id: header.sequence_id + i as u64,
+                redelivery_count,
+                payload: m.payload,
+            })
+            .filter(|m| self.tracker.is_unacked(&m.id))
+            .collect();
+        if messages.is_empty() {
+            self.take(n, out);
+            return;
+        }
+        self.dead_lettering.insert(position, n);
+        self.dead_letters.push_back(DeadLetter { position, messages });
+    }
+
+    /// Up to `max` entries for the dead-letter task to publish.
+    pub fn take_dead_letters(&mut self, max: usize) -> Vec<DeadLetter> {
+        let n = self.dead_letters.len().min(max);
+        self.dead_letters.drain(..n).collect()
+    }
+
+    /// The dead-letter task is done with `position`: once `published` (durably stored on the
+    /// dead-letter topic) the entry is acknowledged; otherwise it is asked for again after the
+    /// nack delay, so that it is dead-lettered again later.
+    pub fn dead_lettered(&mut self, position: Position, published: bool, now: Instant, out: &mut Vec<Frame>) {
+        let Some(permits) = self.dead_lettering.remove(&position) else { return };
+        if self.end.is_some() {
+            return;
+        }
+        self.take(permits, out);
+        if published {
+            // Every message of the entry not acknowledged before is on the dead-letter topic.
+            self.tracker.forget(&position);
+            self.pending_acks.push(position);
+            self.arm_acks(now, out);
+        } else if self.tracker.forget(&position) && self.connected {
+            if self.cfg.nack_redelivery_delay.is_zero() {
+                out.push(Frame::Redeliver { positions: vec![position] });
+            } else {
+                self.nacks.push_back((now + self.cfg.nack_redelivery_delay, position));
+            }
         }
     }
 
@@ -392,6 +496,8 @@ impl ConsumerState {
         self.taken = 0;
         self.nacks.clear();
         self.ack_deadline = None;
+        // The next stream gets the whole queue's permits.
+        self.dead_lettering.values_mut().for_each(|p| *p = 0);
         self.active = self.cfg.subscription_type != SubscriptionType::Failover;
         if self.cfg.reader {
             // The next stream is a new non-durable subscription, starting at the entry of the
@@ -428,6 +534,7 @@ impl ConsumerState {
     pub fn close(&mut self, out: &mut Vec<Frame>) {
         self.flush_acks(out);
         self.nacks.clear();
+        self.dead_letters.clear();
         self.end.get_or_insert(Error::Closed("the consumer is closed".into()));
     }
 }
@@ -446,6 +553,7 @@ mod tests {
             ack_group_time: Duration::from_millis(10),
             reader: false,
             skip_before: None,
+            max_redeliveries: None,
         }
     }
 
@@ -718,5 +826,106 @@ mod tests {
         s.close(&mut out);
         assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] }]);
         assert!(matches!(s.ack(&m.id, now, &mut out), Err(Error::Closed(_))));
+    }
+
+    fn dlq_state(max: u32) -> ConsumerState {
+        let mut c = cfg(SubscriptionType::Shared);
+        c.max_redeliveries = Some(max);
+        ConsumerState::new(c, Arc::from("persistent://public/default/t"))
+    }
+
+    #[test]
+    fn entries_delivered_too_often_wait_for_the_dead_letter_task() {
+        let mut s = dlq_state(2);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        // Redelivery counts 0..=2 reach the application: max_redeliveries + 1 deliveries.
+        for count in 0..=2 {
+            s.on_message(Position::new(1, 0), count, entry(1, 0), now, &mut out);
+            let m = s.receive(now, &mut out).expect("queued").expect("message");
+            assert_eq!(m.redelivery_count, count);
+            s.nack(&m.id, now, &mut out).expect("nack");
+        }
+        assert!(s.take_dead_letters(10).is_empty());
+        out.clear();
+        s.on_message(Position::new(1, 0), 3, entry(1, 0), now, &mut out);
+        assert!(s.receive(now, &mut out).is_none(), "not handed to the application");
+        let letters = s.take_dead_letters(10);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].position, Position::new(1, 0));
+        assert_eq!(letters[0].messages[0].payload, Bytes::from_static(b"m0"));
+        assert_eq!(letters[0].messages[0].redelivery_count, 3);
+        // Delivered again meanwhile: skipped.
+        s.on_message(Position::new(1, 0), 4, entry(1, 0), now, &mut out);
+        assert!(s.receive(now, &mut out).is_none());
+        assert!(s.take_dead_letters(10).is_empty());
+        s.flush_acks(&mut out);
+        assert!(!out.iter().any(|f| matches!(f, Frame::Ack { .. })), "no ack before it is published: {out:?}");
+        s.dead_lettered(Position::new(1, 0), true, now, &mut out);
+        s.flush_acks(&mut out);
+        assert!(out.contains(&Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] }), "{out:?}");
+    }
+
+    #[test]
+    fn only_unacknowledged_messages_of_a_batch_are_dead_lettered() {
+        let mut s = dlq_state(1);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        s.on_message(Position::new(1, 0), 0, entry(3, 0), now, &mut out);
+        let got = receive_all(&mut s, now, &mut out);
+        s.ack(&got[0].id, now, &mut out).expect("ack");
+        s.ack(&got[2].id, now, &mut out).expect("ack");
+        // The ack timeout redelivers the entry twice.
+        s.on_message(Position::new(1, 0), 1, entry(3, 0), now, &mut out);
+        let again = receive_all(&mut s, now, &mut out);
+        assert_eq!(again.iter().map(|m| m.id.batch_index).collect::<Vec<_>>(), vec![1]);
+        s.on_message(Position::new(1, 0), 2, entry(3, 0), now, &mut out);
+        let letters = s.take_dead_letters(10);
+        assert_eq!(letters[0].messages.iter().map(|m| m.id.batch_index).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_failed_dead_letter_is_asked_for_again_and_its_permits_return() {
+        let mut s = dlq_state(1);
+        let (t0, mut out) = (Instant::now(), Vec::new());
+        for e in 0..3 {
+            s.on_message(Position::new(1, e), 5, entry(2, e * 10), t0, &mut out);
+        }
+        assert!(out.is_empty(), "permits are held while dead-lettering");
+        assert_eq!(s.take_dead_letters(2).len(), 2, "bounded by the caller");
+        assert_eq!(s.take_dead_letters(2).len(), 1);
+        s.dead_lettered(Position::new(1, 0), false, t0, &mut out);
+        s.dead_lettered(Position::new(1, 1), true, t0, &mut out);
+        s.dead_lettered(Position::new(1, 2), true, t0, &mut out);
+        assert!(out.contains(&Frame::Flow { permits: 6 }), "{out:?}");
+        out.clear();
+        s.poll(t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Frame::Ack { cumulative: false, positions: vec![Position::new(1, 1), Position::new(1, 2)] },
+                Frame::Redeliver { positions: vec![Position::new(1, 0)] },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_finished_while_disconnected_is_acked_after_reconnecting() {
+        let mut s = dlq_state(1);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        s.on_message(Position::new(1, 0), 2, entry(1, 0), now, &mut out);
+        assert_eq!(s.take_dead_letters(10).len(), 1);
+        s.disconnected();
+        s.dead_lettered(Position::new(1, 0), true, now, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        s.reconnected(&mut out);
+        assert_eq!(
+            out,
+            vec![Frame::Flow { permits: 10 }, Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] }]
+        );
+        // The broker delivers it again before it sees the ack: acknowledged again, not queued.
+        out.clear();
+        s.on_message(Position::new(1, 0), 3, entry(1, 0), now, &mut out);
+        assert!(s.take_dead_letters(10).is_empty());
+        s.flush_acks(&mut out);
+        assert_eq!(out, vec![Frame::Ack { cumulative: false, positions: vec![Position::new(1, 0)] }]);
     }
 }
