@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Offline validation of the Helm chart in helm/magnetar (no cluster, no Docker needed):
 #   1. helm lint and helm template with the default values and each values file in
-#      helm/magnetar/ci/ (production-like, development with MinIO) plus external etcd;
+#      helm/magnetar/ci/ (production-like with AWS S3, development with MinIO) plus external etcd
+#      and an S3-compatible endpoint;
 #   2. kubernetes-validate --strict on every rendered manifest, for the oldest Kubernetes the chart
 #      supports and a current one (ServiceMonitor, a CRD without a bundled schema, is checked
 #      against the rendered Services instead);
 #   3. the broker and bookie configuration files from the rendered ConfigMaps, with the pods'
 #      MAGNETAR_* environment, through `magnetar broker|bookie --check-config`;
-#   4. render-level assertions (UDP port, PVCs, probes, non-root, scaling changes only replicas)
+#   4. render-level assertions (UDP port, PVCs, probes, non-root, [offload] present exactly with
+#      objectStorage.enabled and S3 credentials for brokers only, scaling changes only replicas)
 #      and values the chart must refuse.
 #
 # Usage: scripts/helm-check.sh [MAGNETAR_BIN]   (default: $MAGNETAR_BIN, else target/debug/magnetar)
@@ -266,6 +268,8 @@ def assert_render(render, label):
     assert env.get("MAGNETAR_BOOKIE_ADVERTISED_ADDR", "").startswith(f"{sts['metadata']['name']}-0.{hl['metadata']['name']}.{ns}.svc."), env
     print(f"  [{label}] brokers advertise their pod IP; bookies are named by pod and advertise <pod>.{hl['metadata']['name']}.<ns>.svc")
 
+    assert_offload(docs, values, label)
+
     pdbs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget")
     print(f"  [{label}] PodDisruptionBudgets: {', '.join(pdbs) or 'none'}")
     dep = find(docs, "Deployment", "-broker")
@@ -274,6 +278,65 @@ def assert_render(render, label):
         assert hpas[0]["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
         assert "replicas" not in dep["spec"], "with an HPA the Deployment must leave replicas to it"
         print(f"  [{label}] HPA {hpas[0]['metadata']['name']} scales the broker Deployment, which sets no replicas")
+
+def assert_offload(docs, values, label):
+    """objectStorage.enabled: broker.toml has [offload] with the bucket's s3:// URL (and the
+    MinIO endpoint, path-style, plain HTTP, when minio.enabled) and broker pods get S3
+    credentials from a Secret; disabled: no [offload]. Bookies never get AWS_* variables."""
+    values = values or {}
+    store = values.get("objectStorage") or {}
+    broker_toml = find(docs, "ConfigMap", "-broker")["data"]["broker.toml"]
+    has_section = re.search(r"(?m)^\[offload\]$", broker_toml) is not None
+    try:
+        import tomllib
+        parsed = tomllib.loads(broker_toml)
+    except ImportError:  # Python < 3.11: the string checks below only
+        parsed = None
+    broker = next(c for c in find(docs, "Deployment", "-broker")["spec"]["template"]["spec"]["containers"] if c["name"] == "broker")
+    bookie = next(c for c in find(docs, "StatefulSet", "-bookie")["spec"]["template"]["spec"]["containers"] if c["name"] == "bookie")
+    bookie_aws = [e["name"] for e in bookie.get("env", []) if e["name"].startswith("AWS_")]
+    assert not bookie_aws, f"bookies get {bookie_aws}: only brokers use the object store"
+    broker_aws = {e["name"]: e for e in broker.get("env", []) if e["name"].startswith("AWS_")}
+    if not store.get("enabled"):
+        assert not has_section, f"objectStorage disabled, but broker.toml has [offload]:\n{broker_toml}"
+        assert not broker_aws, f"objectStorage disabled, but brokers get {sorted(broker_aws)}"
+        print(f"  [{label}] objectStorage disabled: no [offload] in broker.toml, no AWS_* variables")
+        return
+    bucket, prefix = store.get("bucket", "magnetar"), str(store.get("prefix", "")).strip("/")
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    assert has_section, f"objectStorage enabled, but broker.toml has no [offload]:\n{broker_toml}"
+    assert re.search(rf'(?m)^\[offload\]$[^[]*^url = "{re.escape(url)}"$', broker_toml), f"broker.toml [offload] does not have url = {url!r}:\n{broker_toml}"
+    minio = (values.get("minio") or {}).get("enabled") and not store.get("endpoint")
+    if parsed is not None:
+        offload = parsed["offload"]
+        assert offload["url"] == url, offload
+        assert not {"access_key_id", "secret_access_key"} & set(offload), "credentials must not be in the ConfigMap"
+        endpoint = offload.get("endpoint")
+        if minio:
+            assert endpoint and endpoint.startswith("http://") and "-minio." in endpoint, offload
+        else:
+            assert endpoint == (store.get("endpoint") or None), f"endpoint {endpoint!r}, want {store.get('endpoint')!r}"
+        path_style = store.get("pathStyle", "")
+        want_path_style = path_style if isinstance(path_style, bool) else endpoint is not None
+        assert offload.get("path_style") is want_path_style, f"path_style: {offload}, want {want_path_style}"
+        assert offload.get("allow_http") is bool(endpoint and endpoint.startswith("http://")), f"allow_http: {offload}"
+        region = store.get("region", "us-east-1")
+        assert offload.get("region") == (region or None), f"region: {offload}, want {region!r}"
+        names = {"threshold": "threshold", "age": "age", "deletionLag": "deletion_lag",
+                 "maxConcurrentUploads": "max_concurrent_uploads", "maxUploadRate": "max_upload_rate"}
+        policy = parsed.get("offload_policy", {})
+        for value, key in names.items():
+            want = (values.get("offload") or {}).get(value, "")
+            if want != "":
+                assert policy.get(key) == want, f"offload.{value}={want!r}, but [offload_policy] {key} = {policy.get(key)!r}"
+    want_secret = (store.get("credentials") or {}).get("existingSecret") or ((values.get("minio") or {}).get("enabled") and "-minio")
+    if want_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = broker_aws.get(key, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            assert ref.get("name", "").endswith(want_secret), f"broker {key} is {broker_aws.get(key)}, want it from Secret *{want_secret}"
+    print(f"  [{label}] objectStorage enabled: broker.toml has [offload] url = {url}"
+          f"{' (the chart MinIO, path-style, plain HTTP)' if minio else ''}; credentials "
+          f"{'from Secret *' + want_secret if want_secret else 'from the pod identity'}; bookies get no AWS_* variables")
 
 def diff(a, b, path=""):
     if type(a) is not type(b):
@@ -350,12 +413,28 @@ step "values documented"
 "$PY" "$WORK/check.py" docs "$CHART/values.yaml" "$CHART/README.md"
 pass
 
+# An S3-compatible server over HTTPS that wants virtual-hosted requests, a prefix given with
+# slashes, no region (the pod's AWS_REGION) and credentials from the pod's identity.
+cat >"$WORK/s3-compatible-values.yaml" <<'YAML'
+objectStorage:
+  enabled: true
+  bucket: magnetar-b
+  prefix: /team-a/cluster-1/
+  endpoint: https://s3.example.net
+  pathStyle: false
+  region: ""
+offload:
+  age: 2h
+  maxUploadRate: 20MiB
+YAML
+
 # name|helm arguments (values files relative to the repository root)
 CASES=(
   "default|"
   "production|-f $CHART/ci/production-values.yaml"
   "dev|-f $CHART/ci/dev-values.yaml"
   "external-etcd|--set etcd.enabled=false --set etcd.externalEndpoints={etcd-a.example.net:2379,etcd-b.example.net:2379} --set etcd.rootPath=/magnetar-a"
+  "s3-compatible|-f $WORK/s3-compatible-values.yaml"
 )
 
 for case in "${CASES[@]}"; do
@@ -452,6 +531,10 @@ refuse "set tls.existingSecret" --set tls.enabled=true
 refuse "set etcd.externalEndpoints" --set etcd.enabled=false
 refuse "must be host:port" --set etcd.enabled=false --set "etcd.externalEndpoints={http://etcd:2379}"
 refuse "podAntiAffinity must be" --set bookie.podAntiAffinity=sometimes
+refuse "broker.config.offload.url is set by the chart" --set objectStorage.enabled=true --set broker.config.offload.url=s3://other
+refuse "broker.config.offload is used only with objectStorage.enabled" --set broker.config.offload.cache_bytes=1GiB
+refuse "objectStorage.bucket \"My_Bucket\" is not a bucket name" --set objectStorage.enabled=true --set objectStorage.bucket=My_Bucket
+refuse "offload.threshold are both set" --set objectStorage.enabled=true --set offload.threshold=1GiB --set broker.config.offload_policy.threshold=2GiB
 
 step "a configuration Magnetar rejects fails the check"
 "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --set broker.config.max_message_bytes=64MiB >"$WORK/bad.yaml"

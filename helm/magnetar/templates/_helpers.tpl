@@ -223,24 +223,109 @@ topologySpreadConstraints:
 {{- end -}}
 {{- end -}}
 
-{{/* AWS_* variables of broker and bookie pods (objectStorage); empty when disabled. */}}
-{{- define "magnetar.objectStorageEnv" -}}
-{{- $os := .Values.objectStorage -}}
-{{- if $os.enabled }}
-- name: AWS_REGION
-  value: {{ $os.region | quote }}
-{{- $endpoint := $os.endpoint -}}
+{{/* The S3 endpoint brokers use: objectStorage.endpoint, else the chart's MinIO when
+minio.enabled, else "" (AWS S3). */}}
+{{- define "magnetar.objectStorage.endpoint" -}}
+{{- $endpoint := .Values.objectStorage.endpoint -}}
 {{- if and (not $endpoint) .Values.minio.enabled -}}
 {{- $endpoint = printf "http://%s.%s:%d" (include "magnetar.minio.fullname" .) (include "magnetar.svcDomain" .) (int .Values.minio.ports.api) -}}
-{{- end }}
-{{- if $endpoint }}
-- name: AWS_ENDPOINT_URL
-  value: {{ $endpoint | quote }}
-{{- if hasPrefix "http://" $endpoint }}
-- name: AWS_ALLOW_HTTP
-  value: "true"
-{{- end }}
-{{- end }}
+{{- end -}}
+{{- $endpoint -}}
+{{- end -}}
+
+{{/*
+The broker's [offload] table (JSON: a map), from objectStorage and broker.config.offload. url,
+endpoint, region, path_style and allow_http come from objectStorage; credentials come from a
+Secret as AWS_* variables (magnetar.objectStorage.credentialsEnv), never from the ConfigMap.
+Other keys of broker.config.offload (timeouts, part_bytes, cache_bytes...) are kept.
+*/}}
+{{- define "magnetar.offload.table" -}}
+{{- $os := .Values.objectStorage -}}
+{{- $user := get (default dict .Values.broker.config) "offload" | default dict -}}
+{{- if not (kindIs "map" $user) -}}
+{{- fail "broker.config.offload must be a map of [offload] keys" -}}
+{{- end -}}
+{{- $hint := dict
+  "url" "from objectStorage.bucket and objectStorage.prefix"
+  "endpoint" "from objectStorage.endpoint, or the chart's MinIO"
+  "region" "from objectStorage.region"
+  "path_style" "from objectStorage.pathStyle"
+  "allow_http" "true for an http:// endpoint"
+  "access_key_id" "credentials come from objectStorage.credentials.existingSecret as AWS_ACCESS_KEY_ID"
+  "secret_access_key" "credentials come from objectStorage.credentials.existingSecret as AWS_SECRET_ACCESS_KEY"
+-}}
+{{- range $k := keys $hint | sortAlpha -}}
+{{- if hasKey $user $k -}}
+{{- fail (printf "broker.config.offload.%s is set by the chart (%s); remove it from broker.config.offload" $k (get $hint $k)) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z0-9.-]{3,63}$" (toString $os.bucket)) -}}
+{{- fail (printf "objectStorage.bucket %q is not a bucket name (3 to 63 of a-z 0-9 . -)" (toString $os.bucket)) -}}
+{{- end -}}
+{{- $prefix := trimAll "/" (toString $os.prefix) -}}
+{{- range $part := ternary (splitList "/" $prefix) (list) (ne $prefix "") -}}
+{{- if or (not (regexMatch "^[A-Za-z0-9._-]+$" $part)) (eq $part ".") (eq $part "..") -}}
+{{- fail (printf "objectStorage.prefix %q: segments may only hold A-Z a-z 0-9 - _ . (and not be . or ..)" (toString $os.prefix)) -}}
+{{- end -}}
+{{- end -}}
+{{- $endpoint := include "magnetar.objectStorage.endpoint" . -}}
+{{- if and $endpoint (not (or (hasPrefix "http://" $endpoint) (hasPrefix "https://" $endpoint))) -}}
+{{- fail (printf "objectStorage.endpoint %q must start with http:// or https://" $endpoint) -}}
+{{- end -}}
+{{- $pathStyle := ne $endpoint "" -}}
+{{- if kindIs "bool" $os.pathStyle -}}
+{{- $pathStyle = $os.pathStyle -}}
+{{- else if has (toString $os.pathStyle) (list "true" "false") -}}
+{{- $pathStyle = eq (toString $os.pathStyle) "true" -}}
+{{- else if ne (toString $os.pathStyle) "" -}}
+{{- fail (printf "objectStorage.pathStyle must be true, false or \"\" (automatic), not %q" (toString $os.pathStyle)) -}}
+{{- end -}}
+{{- $table := dict
+  "url" (ternary (printf "s3://%s/%s" $os.bucket $prefix) (printf "s3://%s" $os.bucket) (ne $prefix ""))
+  "path_style" $pathStyle
+  "allow_http" (hasPrefix "http://" $endpoint)
+-}}
+{{- if $endpoint -}}{{- $_ := set $table "endpoint" $endpoint -}}{{- end -}}
+{{- if $os.region -}}{{- $_ := set $table "region" (toString $os.region) -}}{{- end -}}
+{{- merge $table $user | toJson -}}
+{{- end -}}
+
+{{/*
+The broker's [offload_policy] table (JSON: a map): broker.config.offload_policy plus the keys of
+the offload.* values that are set (not ""). A key set in both places is refused.
+*/}}
+{{- define "magnetar.offloadPolicy.table" -}}
+{{- $user := get (default dict .Values.broker.config) "offload_policy" | default dict -}}
+{{- if not (kindIs "map" $user) -}}
+{{- fail "broker.config.offload_policy must be a map of [offload_policy] keys" -}}
+{{- end -}}
+{{- $table := deepCopy $user -}}
+{{- $names := dict
+  "threshold" "threshold"
+  "age" "age"
+  "deletion_lag" "deletionLag"
+  "max_concurrent_uploads" "maxConcurrentUploads"
+  "max_upload_rate" "maxUploadRate"
+-}}
+{{- range $k := keys $names | sortAlpha -}}
+{{- $v := get (default dict $.Values.offload) (get $names $k) -}}
+{{- if and (not (kindIs "invalid" $v)) (ne (toString $v) "") -}}
+{{- if hasKey $user $k -}}
+{{- fail (printf "broker.config.offload_policy.%s and offload.%s are both set; keep one" $k (get $names $k)) -}}
+{{- end -}}
+{{- $_ := set $table $k $v -}}
+{{- end -}}
+{{- end -}}
+{{- $table | toJson -}}
+{{- end -}}
+
+{{/* AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of broker pods, from
+objectStorage.credentials.existingSecret or the chart's MinIO Secret; empty when objectStorage is
+disabled or neither is set (then the pod's cloud identity is used). Bookies get none: brokers do
+all object-storage requests. */}}
+{{- define "magnetar.objectStorage.credentialsEnv" -}}
+{{- $os := .Values.objectStorage -}}
+{{- if $os.enabled }}
 {{- if $os.credentials.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
