@@ -210,6 +210,10 @@ impl Subscription {
     }
 }
 
+/// First and longest delay before a failed read is tried again with nothing else happening.
+const MIN_READ_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_READ_RETRY_DELAY: Duration = Duration::from_secs(2);
+
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SubCmd>) {
         let mut confirmed = self.s.ml.subscribe_confirmed();
@@ -219,6 +223,9 @@ impl Actor {
         let ack_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(ack_timer);
         let mut armed: Option<Instant> = None;
+        // After a failed read (bookies or object storage unavailable), dispatch again at this
+        // time even if nothing else happens; the delay doubles up to MAX_READ_RETRY_DELAY.
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
         loop {
             let earliest = self.deadlines.first().map(|(t, _)| *t);
             if earliest != armed {
@@ -265,6 +272,7 @@ impl Actor {
                     armed = None;
                     self.expire_ack_timeouts(Instant::now());
                 }
+                () = tokio::time::sleep_until(retry.map_or_else(tokio::time::Instant::now, |r| r.0)), if retry.is_some() => {}
             }
             if !self.persist_waiters.is_empty() {
                 self.persist_now().await;
@@ -273,9 +281,14 @@ impl Actor {
                 }
             }
             self.publish_stats();
-            if let Err(e) = self.dispatch().await {
-                warn!(topic = %self.s.topic_path, subscription = %self.s.name, error = %e, "dispatch");
-                // Storage trouble: try again on the next event or tick.
+            match self.dispatch().await {
+                Ok(()) => retry = None,
+                Err(e) => {
+                    // Storage trouble: try again on the next event, or after a delay.
+                    let delay = retry.map_or(MIN_READ_RETRY_DELAY, |r| (r.1 * 2).min(MAX_READ_RETRY_DELAY));
+                    warn!(topic = %self.s.topic_path, subscription = %self.s.name, error = %e, retry_in = ?delay, "dispatch");
+                    retry = Some((tokio::time::Instant::now() + delay, delay));
+                }
             }
         }
         self.persist_now().await;
