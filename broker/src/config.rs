@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use magnetar_bookie::client::{AutoRecoveryConfig, LedgerClientConfig};
+use magnetar_bookie::offload::OffloadConfig;
 use magnetar_common::config::{ConfigError, RoleConfig};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,82 @@ pub struct BrokerConfig {
     /// Re-replication of ledger copies lost with a dead bookie (one broker of the cluster at a
     /// time audits; see docs/ledgers.md).
     pub autorecovery: AutoRecoveryConfig,
+    /// The object store sealed ledgers are offloaded to (`[offload]`; see docs/object-storage.md).
+    /// Absent: nothing is offloaded, and ledgers offloaded earlier cannot be read.
+    pub offload: Option<OffloadConfig>,
+    /// When ledgers are offloaded (namespaces may set their own) and how uploads are paced.
+    pub offload_policy: OffloadPolicyConfig,
+}
+
+/// `[offload_policy]`: the default offload policy of namespaces that set none, and the pacing of
+/// uploads. Ledgers are offloaded oldest first, only once closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadPolicyConfig {
+    /// Offload the oldest closed ledgers while the topic's data on bookies exceeds this. Unset:
+    /// never on account of size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ByteSize>,
+    /// Offload closed ledgers whose newest entry is older than this. Unset: never on account of
+    /// age.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub age: Option<Duration>,
+    /// How long the bookies keep their copies after a ledger is offloaded (reads stay local
+    /// meanwhile). 0: delete at once.
+    #[serde(with = "humantime_serde")]
+    pub deletion_lag: Duration,
+    /// How often each topic checks its policy (an admin request runs a check at once).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Ledgers uploading at once on this broker (each with `offload.upload_concurrency` parts in
+    /// flight).
+    pub max_concurrent_uploads: usize,
+    /// Upload bandwidth of this broker, per second. 0: unlimited.
+    pub max_upload_rate: ByteSize,
+    /// After a failed upload the topic waits this long before trying again, doubling up to
+    /// `retry_max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for OffloadPolicyConfig {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            age: None,
+            deletion_lag: Duration::from_secs(4 * 3600),
+            check_interval: Duration::from_secs(60),
+            max_concurrent_uploads: 2,
+            max_upload_rate: ByteSize::b(0),
+            retry_initial_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl OffloadPolicyConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.check_interval < Duration::from_millis(100) {
+            return fail(format!(
+                "offload_policy.check_interval is {:?}; it must be at least 100ms",
+                self.check_interval
+            ));
+        }
+        if !(1..=64).contains(&self.max_concurrent_uploads) {
+            return fail(format!(
+                "offload_policy.max_concurrent_uploads is {}; it must be between 1 and 64",
+                self.max_concurrent_uploads
+            ));
+        }
+        if self.retry_initial_backoff.is_zero() || self.retry_max_backoff < self.retry_initial_backoff {
+            return fail(
+                "offload_policy.retry_initial_backoff must be positive and retry_max_backoff at least as long".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Ownership of topics by brokers: bundles, leases, placement.
@@ -145,6 +222,8 @@ impl Default for BrokerConfig {
             ledger_client: LedgerClientConfig::default(),
             cluster: ClusterConfig::default(),
             autorecovery: AutoRecoveryConfig::default(),
+            offload: None,
+            offload_policy: OffloadPolicyConfig::default(),
         }
     }
 }
@@ -261,6 +340,10 @@ impl RoleConfig for BrokerConfig {
             ));
         }
         self.autorecovery.validate().map_err(ConfigError)?;
+        if let Some(offload) = &self.offload {
+            offload.validate()?;
+        }
+        self.offload_policy.validate()?;
         Ok(())
     }
 }

@@ -55,6 +55,7 @@ pub(crate) fn router(service: Arc<BrokerService>) -> Router {
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/stats", get(topic_stats))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/unload", post(unload_topic))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/retention", post(apply_retention))
+        .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/offload", get(offload_status).post(offload))
         .route("/admin/v1/topics/{tenant}/{namespace}/{topic}/subscriptions", get(subscriptions))
         .route(
             "/admin/v1/topics/{tenant}/{namespace}/{topic}/subscriptions/{subscription}",
@@ -435,6 +436,30 @@ async fn apply_retention(
         let t = s.service.apply_retention(&topic).await?;
         ok(json!({ "deleted_ledgers": t.ledgers, "deleted_bytes": t.bytes, "orphaned_ledgers": t.orphaned }))
     })
+}
+
+async fn offload(
+    State(s): State<AppState>,
+    Path(p): Path<TopicPath>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let topic = p.name();
+    on_owner!(s, topic, method, uri, headers, body, ok(s.service.offload(&topic).await?))
+}
+
+async fn offload_status(
+    State(s): State<AppState>,
+    Path(p): Path<TopicPath>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let topic = p.name();
+    on_owner!(s, topic, method, uri, headers, body, ok(s.service.offload_status(&topic).await?))
 }
 
 async fn subscriptions(

@@ -59,7 +59,7 @@ impl Broker {
             .autorecovery
             .enabled
             .then(|| AutoRecovery::start(&ledgers, config.autorecovery.clone(), metrics.autorecovery.clone()));
-        let service = BrokerService::new(config.clone(), store, ledgers, metrics);
+        let service = BrokerService::new(config.clone(), store, ledgers, metrics)?;
         let quic = quic::QuicServer::start(&config, server_tls, service.clone())
             .map_err(|source| StartError::Quic { addr: config.quic_addr, source })?;
         let listener = tokio::net::TcpListener::bind(config.http_addr)

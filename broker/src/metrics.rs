@@ -9,6 +9,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use magnetar_bookie::client::AutoRecoveryMetrics;
+use magnetar_bookie::offload::StoreMetrics;
+
+use crate::service::offloader::OffloadCounters;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabel {
@@ -35,6 +38,11 @@ pub struct Metrics {
     pub backlog: Family<SubscriptionLabel, Gauge>,
     pub consumers: Family<SubscriptionLabel, Gauge>,
     pub storage_bytes: Family<TopicLabel, Gauge>,
+    pub storage_bookie_bytes: Family<TopicLabel, Gauge>,
+    pub storage_offloaded_bytes: Family<TopicLabel, Gauge>,
+    pub offload_backlog_bytes: Family<TopicLabel, Gauge>,
+    pub offload: OffloadCounters,
+    pub offload_store: StoreMetrics,
     pub retention_deleted_ledgers: Family<TopicLabel, Counter>,
     pub retention_deleted_bytes: Family<TopicLabel, Counter>,
     pub cache_hits: Counter,
@@ -59,6 +67,11 @@ impl Metrics {
             backlog: Family::default(),
             consumers: Family::default(),
             storage_bytes: Family::default(),
+            storage_bookie_bytes: Family::default(),
+            storage_offloaded_bytes: Family::default(),
+            offload_backlog_bytes: Family::default(),
+            offload: OffloadCounters::default(),
+            offload_store: StoreMetrics::default(),
             retention_deleted_ledgers: Family::default(),
             retention_deleted_bytes: Family::default(),
             cache_hits: Counter::default(),
@@ -105,6 +118,42 @@ impl Metrics {
             m.lease_suspensions.clone(),
         );
         registry.register("owned_bundles", "Bundles this broker serves", m.owned_bundles.clone());
+        registry.register(
+            "topic_storage_bookie_bytes",
+            "Bytes of entries whose copies are on bookies",
+            m.storage_bookie_bytes.clone(),
+        );
+        registry.register(
+            "topic_storage_offloaded_bytes",
+            "Bytes of entries in ledgers offloaded to object storage",
+            m.storage_offloaded_bytes.clone(),
+        );
+        registry.register(
+            "offload_backlog_bytes",
+            "Bytes of closed ledgers the offload policy wants in object storage that are not there yet",
+            m.offload_backlog_bytes.clone(),
+        );
+        registry.register(
+            "offloaded_ledgers",
+            "Ledgers uploaded to object storage",
+            m.offload.offloaded_ledgers.clone(),
+        );
+        registry.register(
+            "offloaded_bytes",
+            "Bytes of objects uploaded for offloaded ledgers",
+            m.offload.offloaded_bytes.clone(),
+        );
+        registry.register(
+            "offload_failures",
+            "Offload passes that failed (retried after a backoff)",
+            m.offload.failures.clone(),
+        );
+        registry.register(
+            "offload_bookie_copies_deleted",
+            "Offloaded ledgers whose bookie copies were deleted",
+            m.offload.bookie_copies_deleted.clone(),
+        );
+        m.offload_store.register(&mut registry);
         m.autorecovery.register(&mut registry);
         Self { registry, ..m }
     }

@@ -15,7 +15,7 @@ use magnetar_common::metadata::SharedStore;
 async fn broker(store: &SharedStore, port: u16) -> Arc<BrokerService> {
     let cfg = BrokerConfig::default();
     let ledgers = LedgerClient::new(store.clone(), cfg.ledger_client.clone()).await.expect("ledger client");
-    let svc = BrokerService::new(cfg, store.clone(), ledgers, Arc::new(Metrics::new()));
+    let svc = BrokerService::new(cfg, store.clone(), ledgers, Arc::new(Metrics::new())).expect("service");
     svc.join_cluster(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{}", port + 1000)).await.expect("join");
     svc
 }

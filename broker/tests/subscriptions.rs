@@ -58,7 +58,7 @@ impl Env {
         cfg.data_dir = self.dir.path().join("broker");
         tweak(&mut cfg);
         let ledgers = LedgerClient::new(self.store.clone(), cfg.ledger_client.clone()).await.expect("ledger client");
-        let svc = BrokerService::new(cfg, self.store.clone(), ledgers, Arc::new(Metrics::new()));
+        let svc = BrokerService::new(cfg, self.store.clone(), ledgers, Arc::new(Metrics::new())).expect("service");
         // Every broker of these tests is shut down (releasing its lease) before the next starts.
         svc.join_cluster("127.0.0.1:6650", "127.0.0.1:8080").await.expect("join the cluster");
         svc

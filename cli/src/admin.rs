@@ -62,7 +62,7 @@ enum Group {
         #[command(subcommand)]
         command: NamespacesCmd,
     },
-    /// Topics: list, create, delete, stats, owner, unload, apply retention.
+    /// Topics: list, create, delete, stats, owner, unload, apply retention, offload.
     Topics {
         #[command(subcommand)]
         command: TopicsCmd,
@@ -188,6 +188,25 @@ enum TopicsCmd {
     },
     /// Apply the namespace's retention policy to a topic now (it also runs periodically).
     ApplyRetention {
+        /// NAME (in public/default), TENANT/NAMESPACE/NAME or persistent://TENANT/NAMESPACE/NAME.
+        #[arg(value_parser = TopicName::parse)]
+        topic: TopicName,
+    },
+    /// Offload every closed ledger of a topic to object storage now. The owner uploads in the
+    /// background; --wait follows it to the end.
+    Offload {
+        /// NAME (in public/default), TENANT/NAMESPACE/NAME or persistent://TENANT/NAMESPACE/NAME.
+        #[arg(value_parser = TopicName::parse)]
+        topic: TopicName,
+        /// Wait until every closed ledger is in object storage.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (e.g. 30s, 10min).
+        #[arg(long, default_value = "30min", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Where a topic's entries are (bookies, object storage) and how offloading goes.
+    OffloadStatus {
         /// NAME (in public/default), TENANT/NAMESPACE/NAME or persistent://TENANT/NAMESPACE/NAME.
         #[arg(value_parser = TopicName::parse)]
         topic: TopicName,
@@ -643,6 +662,54 @@ struct TopicStatsView {
     entries: u64,
     producers: Vec<String>,
     subscriptions: Vec<SubscriptionView>,
+    offload: OffloadView,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct OffloadView {
+    store: Option<String>,
+    state: String,
+    bookie_bytes: u64,
+    offloaded_bytes: u64,
+    offloaded_ledgers: u64,
+    pending_ledgers: u64,
+    pending_bytes: u64,
+    requested_through: Option<u64>,
+    last_error: Option<String>,
+    retry_in_ms: Option<u64>,
+    read_error: Option<String>,
+}
+
+impl OffloadView {
+    /// Nothing asked for is left to upload.
+    fn settled(&self) -> bool {
+        self.state != "running" && self.pending_ledgers == 0 && self.requested_through.is_none()
+    }
+
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("on bookies", bytes(self.bookie_bytes)),
+            ("in object storage", format!("{} in {} ledgers", bytes(self.offloaded_bytes), self.offloaded_ledgers)),
+            (
+                "offload",
+                match &self.store {
+                    Some(store) => format!("{} ({store})", self.state),
+                    None => "disabled (no [offload] store configured)".into(),
+                },
+            ),
+            ("offload lag", format!("{} in {} ledgers", bytes(self.pending_bytes), self.pending_ledgers)),
+        ];
+        if let Some(e) = &self.last_error {
+            let retry =
+                self.retry_in_ms.map(|ms| format!(" (retrying in {:.1}s)", ms as f64 / 1000.0)).unwrap_or_default();
+            f.push(("offload error", format!("{e}{retry}")));
+        }
+        if let Some(e) = &self.read_error {
+            f.push(("read error", e.clone()));
+        }
+        f
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -679,16 +746,21 @@ fn bytes(n: u64) -> String {
 fn render_stats(s: &TopicStatsView) -> String {
     let rate = |msgs: f64, b: f64| format!("{msgs:.1} msg/s, {}/s", bytes(b.round() as u64));
     let producers = if s.producers.is_empty() { "0".to_string() } else { s.producers.join(", ") };
-    let mut out = record(&[
-        ("topic", s.topic.clone()),
-        ("owner", s.owner.clone()),
-        ("rate in", rate(s.msg_rate_in, s.bytes_rate_in)),
-        ("rate out", rate(s.msg_rate_out, s.bytes_rate_out)),
-        ("messages in", format!("{} ({}) since loaded", s.msg_in, bytes(s.bytes_in))),
-        ("messages out", format!("{} ({}) since loaded", s.msg_out, bytes(s.bytes_out))),
-        ("storage", format!("{} in {} ledgers, {} entries", bytes(s.storage_bytes), s.ledgers, s.entries)),
-        ("producers", producers),
-    ]);
+    let mut out = record(
+        &[
+            ("topic", s.topic.clone()),
+            ("owner", s.owner.clone()),
+            ("rate in", rate(s.msg_rate_in, s.bytes_rate_in)),
+            ("rate out", rate(s.msg_rate_out, s.bytes_rate_out)),
+            ("messages in", format!("{} ({}) since loaded", s.msg_in, bytes(s.bytes_in))),
+            ("messages out", format!("{} ({}) since loaded", s.msg_out, bytes(s.bytes_out))),
+            ("storage", format!("{} in {} ledgers, {} entries", bytes(s.storage_bytes), s.ledgers, s.entries)),
+        ]
+        .into_iter()
+        .chain(s.offload.fields())
+        .chain([("producers", producers)])
+        .collect::<Vec<_>>(),
+    );
     out.push('\n');
     if s.subscriptions.is_empty() {
         out.push_str("no subscriptions\n");
@@ -777,6 +849,59 @@ async fn topics(ctx: &Ctx, command: TopicsCmd) -> anyhow::Result<()> {
         TopicsCmd::ApplyRetention { topic } => {
             let a = api.call(Method::POST, &format!("{}/retention", topic_path(&topic)), &[], None).await?;
             ctx.show(&a, |a| Ok(render_trimmed(&topic, &a.json()?)))
+        }
+        TopicsCmd::Offload { topic, wait, timeout } => {
+            let path = format!("{}/offload", topic_path(&topic));
+            let a = api.call(Method::POST, &path, &[], None).await?;
+            if !wait {
+                return ctx.show(&a, |a| {
+                    let v: OffloadView = a.json()?;
+                    Ok(format!(
+                        "offload of {topic} requested: {} in {} ledgers to upload\n",
+                        bytes(v.pending_bytes),
+                        v.pending_ledgers
+                    ))
+                });
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut last_error = None;
+            loop {
+                let a = api.get(&path).await?;
+                let v: OffloadView = a.json()?;
+                if v.settled() && v.last_error.is_none() {
+                    return ctx.show(&a, |_| {
+                        Ok(format!(
+                            "offloaded {topic}: {} in {} ledgers in object storage, {} on bookies\n",
+                            bytes(v.offloaded_bytes),
+                            v.offloaded_ledgers,
+                            bytes(v.bookie_bytes)
+                        ))
+                    });
+                }
+                if v.last_error.is_some() && v.last_error != last_error {
+                    eprintln!("offload of {topic} failed (retrying): {}", v.last_error.as_deref().unwrap_or_default());
+                    last_error = v.last_error.clone();
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "offload of {topic} not finished after {}: {} in {} ledgers left{}",
+                        humantime::format_duration(timeout),
+                        bytes(v.pending_bytes),
+                        v.pending_ledgers,
+                        v.last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        TopicsCmd::OffloadStatus { topic } => {
+            let a = api.get(&format!("{}/offload", topic_path(&topic))).await?;
+            ctx.show(&a, |a| {
+                let v: OffloadView = a.json()?;
+                let mut f = vec![("topic", topic.to_string())];
+                f.extend(v.fields());
+                Ok(record(&f))
+            })
         }
     }
 }

@@ -433,6 +433,10 @@ impl Auditor {
                     continue;
                 }
             };
+            if md.bookie_copies_deleted() {
+                // It lives in object storage now: nothing on bookies to re-replicate.
+                continue;
+            }
             let missing: Vec<&String> =
                 md.fragments.iter().flat_map(|f| &f.bookies).filter(|b| !live.contains(*b)).collect();
             if !missing.is_empty() {

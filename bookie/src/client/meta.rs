@@ -8,6 +8,7 @@ use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version}
 use serde::{Deserialize, Serialize};
 
 use super::LedgerError;
+use crate::offload::SegmentInfo;
 
 pub const LEDGERS_PREFIX: &str = "/ledgers/";
 const ID_COUNTER_KEY: &str = "/ledger-id-counter";
@@ -51,6 +52,45 @@ pub struct LedgerMetadata {
     pub created_at_ms: u64,
     #[serde(default)]
     pub custom: BTreeMap<String, String>,
+    /// The ledger's copy in object storage, once an offloader has claimed it (closed ledgers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<LedgerOffload>,
+}
+
+/// A closed ledger's life in object storage, recorded in its metadata by compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LedgerOffload {
+    /// `owner` (a broker instance) claimed the upload at `started_at_ms`. Only the claimant
+    /// uploads; whoever finds a claim that is not its own and still wants the ledger offloaded
+    /// takes it over by compare-and-swap and removes objects the interrupted upload may have
+    /// left under the ledger's key prefix.
+    Uploading { owner: String, started_at_ms: u64 },
+    /// Every entry of the ledger is in `segments` (consecutive, from entry 0 to the last), in the
+    /// store whose configured URL is `store`. The bookies' copies are deleted once
+    /// `bookie_copies_deleted_at_ms` is set; reads then go to the store.
+    Offloaded {
+        store: String,
+        segments: Vec<SegmentInfo>,
+        offloaded_at_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bookie_copies_deleted_at_ms: Option<u64>,
+    },
+}
+
+impl LedgerOffload {
+    /// The segments, once the upload is complete.
+    pub fn segments(&self) -> Option<&[SegmentInfo]> {
+        match self {
+            LedgerOffload::Offloaded { segments, .. } => Some(segments),
+            LedgerOffload::Uploading { .. } => None,
+        }
+    }
+
+    /// Whether the bookies no longer hold the ledger (reads must use object storage).
+    pub fn bookie_copies_deleted(&self) -> bool {
+        matches!(self, LedgerOffload::Offloaded { bookie_copies_deleted_at_ms: Some(_), .. })
+    }
 }
 
 impl LedgerMetadata {
@@ -72,6 +112,11 @@ impl LedgerMetadata {
 
     pub fn is_closed(&self) -> bool {
         self.state == LedgerState::Closed
+    }
+
+    /// Whether the ledger lives only in object storage (its bookies' copies are deleted).
+    pub fn bookie_copies_deleted(&self) -> bool {
+        self.offload.as_ref().is_some_and(LedgerOffload::bookie_copies_deleted)
     }
 }
 

@@ -23,11 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use magnetar_common::bookie_proto::{Request, Status};
-use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore};
+use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version};
 use serde::{Deserialize, Serialize};
 
 pub use autorecovery::{AutoRecovery, AutoRecoveryConfig, AutoRecoveryMetrics};
-pub use meta::{Fragment, LedgerMetadata, LedgerState};
+pub use meta::{Fragment, LedgerMetadata, LedgerOffload, LedgerState};
 pub use reader::LedgerReader;
 pub use registry::BookieRegistry;
 pub use writer::LedgerWriter;
@@ -186,6 +186,7 @@ impl LedgerClient {
             fragments: vec![Fragment { first_entry: 0, bookies }],
             created_at_ms: now_ms(),
             custom,
+            offload: None,
         };
         let version = self.shared.store.put(&meta::key(ledger_id), meta::encode(&md), PutOptions::absent()).await?;
         Ok(LedgerWriter::start(self.shared.clone(), md, version, -1, false))
@@ -228,6 +229,35 @@ impl LedgerClient {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Deletes a ledger's entries from its bookies, keeping its metadata: for a ledger whose
+    /// metadata already says its copies are deleted (it lives in object storage). A bookie that
+    /// is down keeps its copy (as with [`Self::delete`]); the metadata is what readers follow.
+    /// Returns the bookies that did not confirm.
+    pub async fn delete_bookie_copies(&self, md: &LedgerMetadata) -> Vec<String> {
+        let ledger_id = md.ledger_id;
+        let mut bookies: Vec<&String> = md.fragments.iter().flat_map(|f| f.bookies.iter()).collect();
+        bookies.sort();
+        bookies.dedup();
+        let mut failed = Vec::new();
+        for b in bookies {
+            if let Err(e) = self.shared.call(b, Request::Delete { ledger_id }, self.shared.config.read_timeout).await {
+                tracing::warn!(ledger_id, bookie = %b, error = %e, "delete offloaded ledger's copy on bookie");
+                failed.push(b.clone());
+            }
+        }
+        failed
+    }
+
+    /// Reads a ledger's metadata with its version.
+    pub async fn metadata_versioned(&self, ledger_id: u64) -> Result<(LedgerMetadata, Version), LedgerError> {
+        meta::read(&self.shared.store, ledger_id).await
+    }
+
+    /// Writes a ledger's metadata if it is still at `version` (compare-and-swap); the new version.
+    pub async fn update_metadata(&self, md: &LedgerMetadata, version: Version) -> Result<Version, MetadataError> {
+        meta::cas(&self.shared.store, md, version).await
     }
 
     /// Reads a ledger's metadata.

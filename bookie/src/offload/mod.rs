@@ -47,6 +47,7 @@
 mod config;
 mod error;
 pub mod format;
+mod metrics;
 mod reader;
 mod writer;
 
@@ -60,6 +61,7 @@ use object_store::path::Path;
 
 pub use config::{MAX_PART_BYTES, MIN_PART_BYTES, OffloadConfig};
 pub use error::OffloadError;
+pub use metrics::{OpLabel, StoreMetrics};
 pub use reader::{BLOCK_BYTES, SegmentReader};
 pub use writer::{MAX_PARTS, SegmentInfo, SegmentWriter};
 
@@ -80,6 +82,7 @@ struct Inner {
     min_object_bytes: u64,
     read_ahead_bytes: u64,
     cache: Option<moka::sync::Cache<reader::BlockKey, Bytes>>,
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for OffloadStore {
@@ -93,20 +96,38 @@ impl OffloadStore {
     /// bucket or bad credentials show up at the first operation. A `file://` directory is
     /// created if missing; each `memory://` open is a new, empty store.
     pub fn open(config: &OffloadConfig) -> Result<OffloadStore, OffloadError> {
+        Self::open_with_metrics(config, StoreMetrics::default())
+    }
+
+    /// [`Self::open`], counting requests in `metrics` (registered by the caller).
+    pub fn open_with_metrics(config: &OffloadConfig, metrics: StoreMetrics) -> Result<OffloadStore, OffloadError> {
         let (store, prefix, local_dir) = config.build().map_err(|e| OffloadError::Invalid(e.0))?;
-        Ok(Self::from_parts(store, prefix, local_dir, config))
+        Ok(Self::from_parts_counted(store, prefix, local_dir, config, metrics))
     }
 
     /// A store over a given client (a wrapper that counts or fails requests, in tests).
+    #[cfg(test)]
     pub(crate) fn from_parts(
         store: Arc<dyn ObjectStore>,
         prefix: Path,
         local_dir: Option<PathBuf>,
         config: &OffloadConfig,
     ) -> OffloadStore {
+        Self::from_parts_counted(store, prefix, local_dir, config, StoreMetrics::default())
+    }
+
+    fn from_parts_counted(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        local_dir: Option<PathBuf>,
+        config: &OffloadConfig,
+        metrics: StoreMetrics,
+    ) -> OffloadStore {
+        let store: Arc<dyn ObjectStore> = Arc::new(metrics::Counted::new(store, metrics.clone()));
         OffloadStore {
             inner: Arc::new(Inner {
                 store,
+                metrics,
                 prefix,
                 url: config.url.clone(),
                 local_dir,
@@ -134,11 +155,18 @@ impl OffloadStore {
                 min_object_bytes: i.min_object_bytes,
                 read_ahead_bytes: i.read_ahead_bytes,
                 cache: block_cache(cache_bytes),
+                metrics: i.metrics.clone(),
             }),
         }
     }
 
-    /// The object_store client (for raw GET/PUT measurements and tests).
+    /// Request counters of this store (shared by handles made with [`Self::with_cache`]).
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
+    }
+
+    /// The object_store client (for raw GET/PUT measurements and tests); its requests are
+    /// counted in [`Self::metrics`] too.
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.inner.store
     }
@@ -151,6 +179,11 @@ impl OffloadStore {
     /// The configured `url`.
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// The configured `part_bytes`: size of multipart upload parts.
+    pub fn part_bytes(&self) -> u64 {
+        self.inner.part_bytes as u64
     }
 
     /// The configured `min_object_bytes`: the offloader's batching target.

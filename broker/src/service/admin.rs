@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::subscription::{SubCmd, cursor_key};
-use super::topic::Topic;
+use super::topic::{OffloadView, Topic};
 use super::{BrokerService, ServiceError, managed_ledger};
 
 /// Where an admin reset moves a subscription.
@@ -77,6 +77,8 @@ pub struct TopicStats {
     pub entries: u64,
     pub producers: Vec<String>,
     pub subscriptions: Vec<SubscriptionView>,
+    /// Where the entries are: bookies, object storage, and what is on its way there.
+    pub offload: OffloadView,
 }
 
 /// Counter samples of loaded topics, one a second, for rates.
@@ -186,7 +188,18 @@ impl BrokerService {
             entries: ml.entries_from(ml.first_position()),
             producers,
             subscriptions,
+            offload: t.offload_view(),
         })
+    }
+
+    /// Asks the owner to offload every closed ledger of a topic now; the upload runs in the
+    /// background ([`Self::offload_status`] follows it).
+    pub async fn offload(&self, topic: &str) -> Result<OffloadView, ServiceError> {
+        self.existing_topic(topic).await?.request_offload()
+    }
+
+    pub async fn offload_status(&self, topic: &str) -> Result<OffloadView, ServiceError> {
+        Ok(self.existing_topic(topic).await?.offload_view())
     }
 
     /// Deletes a topic: its ledgers, its ledger list and its cursors. Refused while producers or

@@ -21,7 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use magnetar_bookie::client::{LedgerClient, LedgerError, LedgerReader, LedgerWriter};
+use magnetar_bookie::client::{LedgerClient, LedgerError, LedgerOffload, LedgerReader, LedgerWriter};
 use magnetar_common::ids::Position;
 use magnetar_common::metadata::{MetadataError, PutOptions, SharedStore, Version};
 use magnetar_common::topic::TopicName;
@@ -31,7 +31,8 @@ use tracing::{info, warn};
 
 use super::ServiceError;
 use super::cache::EntryCache;
-use super::policies::RetentionPolicy;
+use super::offloader::Offloader;
+use super::policies::{EffectiveOffloadPolicy, RetentionPolicy};
 use crate::config::ManagedLedgerConfig;
 
 /// Metadata key of a topic's ledger list.
@@ -44,7 +45,7 @@ struct StoredList {
     ledgers: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct LedgerInfo {
     id: u64,
     /// Last confirmed entry (-1: none yet).
@@ -54,6 +55,34 @@ struct LedgerInfo {
     /// When the ledger was created (ledger metadata `created_at_ms`; this broker's clock for
     /// ledgers it creates).
     created_at_ms: u64,
+    /// Its state in object storage (ledger metadata `offload`).
+    offload: Option<Arc<LedgerOffload>>,
+}
+
+impl LedgerInfo {
+    fn new(id: u64, created_at_ms: u64) -> Self {
+        LedgerInfo { id, last_entry: -1, bytes: 0, created_at_ms, offload: None }
+    }
+
+    fn is_offloaded(&self) -> bool {
+        self.offload.as_deref().is_some_and(|o| o.segments().is_some())
+    }
+
+    /// Whether its entries are read from object storage (the bookies' copies are deleted).
+    fn in_object_storage_only(&self) -> bool {
+        self.offload.as_deref().is_some_and(LedgerOffload::bookie_copies_deleted)
+    }
+}
+
+/// What an offload pass should do, by the topic's policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OffloadPlan {
+    /// Closed ledgers to upload, oldest first.
+    pub upload: Vec<u64>,
+    /// Their bytes (the offload backlog).
+    pub upload_bytes: u64,
+    /// Offloaded ledgers whose bookie copies may now be deleted.
+    pub delete_copies: Vec<u64>,
 }
 
 /// Most ledgers one retention pass deletes (the next pass continues).
@@ -88,6 +117,9 @@ pub struct ManagedLedger {
     confirmed: watch::Sender<Option<Position>>,
     /// Bytes stored (payloads written since load plus what closed ledgers report).
     stored_bytes: std::sync::atomic::AtomicU64,
+    offloader: Option<Arc<Offloader>>,
+    /// The last failed read of offloaded entries (cleared by a successful one).
+    offload_read_error: Mutex<Option<String>>,
 }
 
 enum AppendCmd {
@@ -127,6 +159,7 @@ impl ManagedLedger {
         cache: EntryCache,
         config: ManagedLedgerConfig,
         create: bool,
+        offloader: Option<Arc<Offloader>>,
     ) -> Result<Arc<Self>, ServiceError> {
         let store = client.store().clone();
         let key = key(&topic);
@@ -167,10 +200,11 @@ impl ManagedLedger {
                 last_entry: md.last_entry_id,
                 bytes: md.length,
                 created_at_ms: md.created_at_ms,
+                offload: md.offload.map(Arc::new),
             });
         }
         let writer = create_ledger(&client, &config, &topic).await?;
-        ledgers.push(LedgerInfo { id: writer.ledger_id(), last_entry: -1, bytes: 0, created_at_ms: now_ms() });
+        ledgers.push(LedgerInfo::new(writer.ledger_id(), now_ms()));
         let new_list = StoredList { ledgers: ledgers.iter().map(|l| l.id).collect() };
         let version = match write_list(&store, &key, &new_list, version).await {
             Ok(v) => v,
@@ -197,6 +231,8 @@ impl ManagedLedger {
             appends: tx,
             confirmed,
             stored_bytes: stored_bytes.into(),
+            offloader,
+            offload_read_error: Mutex::new(None),
         });
         let actor = Appender {
             ml: Arc::downgrade(&ml),
@@ -343,8 +379,9 @@ impl ManagedLedger {
             }
         }
         if e <= last && bytes < max_bytes {
-            // Not cached: read the rest of the range from the bookies.
-            for entry in self.read_from_bookies(from.ledger_id, e, last).await? {
+            // Not cached: read the rest of the range from the bookies or object storage.
+            let remaining = (max_bytes - bytes) as u64;
+            for entry in self.read_stored(from.ledger_id, e, last, remaining).await? {
                 let pos = Position::new(from.ledger_id, entry.entry_id);
                 let payload = entry.payload();
                 bytes += payload.len();
@@ -370,7 +407,85 @@ impl ManagedLedger {
         if let Some(b) = self.cache.get(&pos) {
             return Ok(Some(b));
         }
-        Ok(self.read_from_bookies(pos.ledger_id, pos.entry_id, pos.entry_id).await?.pop().map(|e| e.payload()))
+        Ok(self.read_stored(pos.ledger_id, pos.entry_id, pos.entry_id, 1).await?.pop().map(|e| e.payload()))
+    }
+
+    /// Reads entries of a closed or current ledger from where they are stored: its bookies, or
+    /// object storage once the bookies' copies are deleted (at most about `max_bytes` there,
+    /// with large range reads and read-ahead; at least one entry).
+    async fn read_stored(
+        &self,
+        ledger_id: u64,
+        first: u64,
+        last: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<magnetar_common::entry::Entry>, ServiceError> {
+        let offload = {
+            let s = self.lock();
+            let info = s.ledgers.iter().find(|l| l.id == ledger_id);
+            info.filter(|l| l.in_object_storage_only()).and_then(|l| l.offload.clone())
+        };
+        let Some(offload) = offload else { return self.read_from_bookies(ledger_id, first, last).await };
+        let Some(offloader) = &self.offloader else {
+            return Err(ServiceError::Persistence(format!(
+                "ledger {ledger_id} of {} is in object storage, but this broker has no [offload] store configured",
+                self.topic
+            )));
+        };
+        let result = offloader.read(ledger_id, &offload, first, last, max_bytes).await;
+        let mut error = self.offload_read_error.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(_) => *error = None,
+            Err(e) => *error = Some(e.to_string()),
+        }
+        result
+    }
+
+    /// The last failed read of offloaded entries, if the latest read failed.
+    pub fn offload_read_error(&self) -> Option<String> {
+        self.offload_read_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bytes of entries whose copies are on bookies (offloaded ledgers within their deletion
+    /// lag included).
+    pub fn bookie_bytes(&self) -> u64 {
+        self.lock().ledgers.iter().filter(|l| !l.in_object_storage_only()).map(|l| l.bytes).sum()
+    }
+
+    /// Bytes of entries in offloaded ledgers, and how many such ledgers.
+    pub fn offloaded(&self) -> (u64, usize) {
+        let s = self.lock();
+        let off = s.ledgers.iter().filter(|l| l.is_offloaded());
+        off.fold((0, 0), |(b, n), l| (b + l.bytes, n + 1))
+    }
+
+    /// What the topic's offload policy asks for now; `requested_through`: an admin request to
+    /// offload every closed ledger up to this id.
+    pub fn offload_plan(
+        &self,
+        policy: &EffectiveOffloadPolicy,
+        requested_through: Option<u64>,
+        now_ms: u64,
+    ) -> OffloadPlan {
+        offload_plan(&self.lock().ledgers, policy, requested_through, now_ms)
+    }
+
+    /// The newest closed, non-empty ledger.
+    pub fn last_closed_ledger(&self) -> Option<u64> {
+        let s = self.lock();
+        let closed = &s.ledgers[..s.ledgers.len().saturating_sub(1)];
+        closed.iter().rev().find(|l| l.last_entry >= 0).map(|l| l.id)
+    }
+
+    /// Records a ledger's new offload state (after the offloader wrote it to the metadata).
+    pub fn set_offload(&self, ledger_id: u64, offload: LedgerOffload) {
+        let moved = offload.bookie_copies_deleted();
+        if let Some(l) = self.lock().ledgers.iter_mut().find(|l| l.id == ledger_id) {
+            l.offload = Some(Arc::new(offload));
+        }
+        if moved {
+            self.forget_reader(ledger_id);
+        }
     }
 
     async fn read_from_bookies(
@@ -424,7 +539,7 @@ impl ManagedLedger {
     }
 
     fn add_ledger(&self, id: u64) {
-        self.lock().ledgers.push(LedgerInfo { id, last_entry: -1, bytes: 0, created_at_ms: now_ms() });
+        self.lock().ledgers.push(LedgerInfo::new(id, now_ms()));
     }
 
     /// The closed ledgers `policy` lets go of, given that every entry before `mark` is
@@ -474,6 +589,19 @@ impl ManagedLedger {
             self.forget_reader(l.id);
             trimmed.ledgers.push(l.id);
             trimmed.bytes += l.bytes;
+            if let Some(offload) = l.offload.as_deref().filter(|o| o.segments().is_some()) {
+                let deleted = match &self.offloader {
+                    Some(o) => o.delete_objects(offload).await.map_err(|e| e.to_string()),
+                    None => Err("this broker has no [offload] store configured".to_string()),
+                };
+                if let Err(e) = deleted {
+                    // The metadata stays: it is the record of the objects still to delete.
+                    let keys: Vec<&String> = offload.segments().unwrap_or_default().iter().map(|s| &s.key).collect();
+                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, objects = ?keys, "retention: delete offloaded objects (the ledger's metadata is kept as their record)");
+                    trimmed.orphaned.push(l.id);
+                    continue;
+                }
+            }
             match self.client.delete(l.id).await {
                 Ok(()) => {
                     info!(topic = %self.topic, ledger_id = l.id, entries = l.last_entry + 1, bytes = l.bytes, "retention: ledger deleted")
@@ -491,7 +619,7 @@ impl ManagedLedger {
     fn drop_ledgers(&self, ids: &[u64]) -> Vec<LedgerInfo> {
         let removed: Vec<LedgerInfo> = {
             let mut s = self.lock();
-            let (gone, keep) = s.ledgers.iter().partition(|l| ids.contains(&l.id));
+            let (gone, keep) = std::mem::take(&mut s.ledgers).into_iter().partition(|l| ids.contains(&l.id));
             s.ledgers = keep;
             gone
         };
@@ -543,6 +671,53 @@ fn retention_candidates(ledgers: &[LedgerInfo], mark: Position, policy: &Retenti
         out.push(closed[i].id);
     }
     out
+}
+
+/// See [`ManagedLedger::offload_plan`]. Like Pulsar's threshold: sizes are summed from the
+/// newest ledger (the current one included) backwards, and every closed ledger from the one that
+/// takes the sum past `threshold` back to the oldest goes. A closed ledger also goes once its
+/// newest entry (the creation of the next ledger) is older than `age`, or when an admin request
+/// covers it.
+fn offload_plan(
+    ledgers: &[LedgerInfo],
+    policy: &EffectiveOffloadPolicy,
+    requested_through: Option<u64>,
+    now_ms: u64,
+) -> OffloadPlan {
+    let mut plan = OffloadPlan::default();
+    let Some(closed) = ledgers.len().checked_sub(1).map(|n| &ledgers[..n]) else { return plan };
+    // Index of the newest closed ledger over the threshold.
+    let over_size = policy.threshold.and_then(|limit| {
+        let mut sum = ledgers.last().map_or(0, |l| l.bytes);
+        (0..closed.len()).rev().find(|&i| {
+            sum = sum.saturating_add(closed[i].bytes);
+            sum > limit.as_u64()
+        })
+    });
+    for (i, l) in closed.iter().enumerate() {
+        if l.last_entry < 0 {
+            continue;
+        }
+        if let Some(LedgerOffload::Offloaded { offloaded_at_ms, bookie_copies_deleted_at_ms: None, .. }) =
+            l.offload.as_deref()
+        {
+            if now_ms.saturating_sub(*offloaded_at_ms) as u128 >= policy.deletion_lag.as_millis() {
+                plan.delete_copies.push(l.id);
+            }
+            continue;
+        }
+        if l.is_offloaded() {
+            continue;
+        }
+        let ended_ms = ledgers[i + 1].created_at_ms;
+        let aged = policy.age.is_some_and(|a| now_ms.saturating_sub(ended_ms) as u128 > a.as_millis());
+        let requested = requested_through.is_some_and(|r| l.id <= r);
+        if over_size.is_some_and(|k| i <= k) || aged || requested {
+            plan.upload.push(l.id);
+            plan.upload_bytes += l.bytes;
+        }
+    }
+    plan
 }
 
 fn end_of(s: &State) -> Position {
@@ -846,8 +1021,67 @@ mod tests {
                 last_entry: if id == 4 { -1 } else { 9 },
                 bytes: if id == 4 { 0 } else { 100 },
                 created_at_ms: (id - 1) * 1000,
+                offload: None,
             })
             .collect()
+    }
+
+    fn offloaded(at_ms: u64, deleted: bool) -> Option<Arc<LedgerOffload>> {
+        Some(Arc::new(LedgerOffload::Offloaded {
+            store: "memory://".into(),
+            segments: Vec::new(),
+            offloaded_at_ms: at_ms,
+            bookie_copies_deleted_at_ms: deleted.then_some(at_ms),
+        }))
+    }
+
+    fn offload_policy(threshold: Option<u64>, age_ms: Option<u64>, lag_ms: u64) -> EffectiveOffloadPolicy {
+        EffectiveOffloadPolicy {
+            threshold: threshold.map(ByteSize::b),
+            age: age_ms.map(Duration::from_millis),
+            deletion_lag: Duration::from_millis(lag_ms),
+        }
+    }
+
+    #[test]
+    fn offload_threshold_counts_back_from_the_newest_ledger() {
+        let mut l = ledgers();
+        l[3].bytes = 50; // the current ledger counts towards the threshold, is never offloaded
+        // 3 + current = 150 <= 150: nothing; 2 takes it to 250.
+        let plan = offload_plan(&l, &offload_policy(Some(150), None, 0), None, 0);
+        assert_eq!(plan.upload, [1, 2]);
+        assert_eq!(plan.upload_bytes, 200);
+        assert_eq!(offload_plan(&l, &offload_policy(Some(1000), None, 0), None, 0).upload, Vec::<u64>::new());
+        assert_eq!(offload_plan(&l, &offload_policy(Some(0), None, 0), None, 0).upload, [1, 2, 3]);
+        assert_eq!(offload_plan(&l, &offload_policy(None, None, 0), None, 0), OffloadPlan::default());
+    }
+
+    #[test]
+    fn offload_by_age_and_by_request_and_never_twice() {
+        let mut l = ledgers();
+        // Ledger 1 ended at 1000 ms, 2 at 2000 ms, 3 at 3000 ms.
+        assert_eq!(offload_plan(&l, &offload_policy(None, Some(1500), 0), None, 3000).upload, [1]);
+        assert_eq!(offload_plan(&l, &offload_policy(None, Some(1500), 0), None, 4600).upload, [1, 2, 3]);
+        assert_eq!(offload_plan(&l, &offload_policy(None, None, 0), Some(2), 0).upload, [1, 2]);
+        assert_eq!(offload_plan(&l, &offload_policy(None, None, 0), Some(4), 0).upload, [1, 2, 3], "not the current");
+        l[0].offload = offloaded(0, false);
+        l[1].last_entry = -1; // empty: nothing to offload
+        let plan = offload_plan(&l, &offload_policy(Some(0), None, 0), None, 0);
+        assert_eq!(plan.upload, [3]);
+        // An unfinished claim (uploading) is offloaded again: the claimant stopped or failed.
+        l[2].offload = Some(Arc::new(LedgerOffload::Uploading { owner: "x".into(), started_at_ms: 0 }));
+        assert_eq!(offload_plan(&l, &offload_policy(Some(0), None, 0), None, 0).upload, [3]);
+    }
+
+    #[test]
+    fn bookie_copies_go_after_the_deletion_lag_once() {
+        let mut l = ledgers();
+        l[0].offload = offloaded(1000, false);
+        l[1].offload = offloaded(1000, true);
+        let lag = offload_policy(None, None, 500);
+        assert_eq!(offload_plan(&l, &lag, None, 1499).delete_copies, Vec::<u64>::new());
+        assert_eq!(offload_plan(&l, &lag, None, 1500).delete_copies, [1]);
+        assert!(l[1].in_object_storage_only() && !l[0].in_object_storage_only());
     }
 
     fn policy(time_ms: Option<u64>, size: Option<u64>) -> RetentionPolicy {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cache;
 pub mod cursor;
 pub mod managed_ledger;
+pub mod offloader;
 pub mod ownership;
 pub mod policies;
 pub mod subscription;
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use magnetar_bookie::client::{LedgerClient, LedgerError};
+use magnetar_bookie::offload::OffloadStore;
 use magnetar_common::metadata::{LeaseState, MetadataError, SharedStore};
 use magnetar_common::topic::{TopicName, validate_subscription_name};
 use magnetar_common::wire::ErrorCode;
@@ -113,6 +115,7 @@ pub(crate) struct Context {
     pub cache: EntryCache,
     pub metrics: Arc<Metrics>,
     pub policies: Policies,
+    pub offloader: Option<Arc<offloader::Offloader>>,
     publish_memory: Arc<Semaphore>,
 }
 
@@ -138,22 +141,43 @@ pub struct BrokerService {
 }
 
 impl BrokerService {
-    pub fn new(config: BrokerConfig, store: SharedStore, ledgers: LedgerClient, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A broker service; opens the `[offload]` object store if one is configured (no request is
+    /// made until something is offloaded or read).
+    pub fn new(
+        config: BrokerConfig,
+        store: SharedStore,
+        ledgers: LedgerClient,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ServiceError> {
         let cache = EntryCache::new(config.cache_bytes.as_u64());
         let publish_memory =
             Arc::new(Semaphore::new(config.limits.max_publish_memory.as_u64().min(u32::MAX as u64) as usize));
         let instance = format!("{:08x}", rand::random::<u32>());
         let ownership = Ownership::new(store.clone(), config.cluster.lease_ttl);
         let policies = Policies::new(store.clone());
-        Arc::new(Self {
-            ctx: Arc::new(Context { config, store, ledgers, cache, metrics, policies, publish_memory }),
+        let offloader = match &config.offload {
+            None => None,
+            Some(c) => {
+                let object_store = OffloadStore::open_with_metrics(c, metrics.offload_store.clone())
+                    .map_err(|e| ServiceError::BadRequest(format!("offload store: {e}")))?;
+                Some(Arc::new(offloader::Offloader::new(
+                    object_store,
+                    ledgers.clone(),
+                    instance.clone(),
+                    config.offload_policy.clone(),
+                    metrics.offload.clone(),
+                )))
+            }
+        };
+        Ok(Arc::new(Self {
+            ctx: Arc::new(Context { config, store, ledgers, cache, metrics, policies, offloader, publish_memory }),
             topics: Mutex::new(HashMap::new()),
             next_producer: 0.into(),
             instance,
             ownership,
             guard: Mutex::new(None),
             rates: Mutex::new(admin::Rates::default()),
-        })
+        }))
     }
 
     /// Joins the cluster: creates the default tenant and namespace if missing, registers this
@@ -342,9 +366,11 @@ impl BrokerService {
         let m = &self.ctx.metrics;
         for t in self.loaded_topics() {
             let topic = t.name().to_string();
-            m.storage_bytes
-                .get_or_create(&TopicLabel { topic: topic.clone() })
-                .set(t.managed_ledger().stored_bytes() as i64);
+            let label = TopicLabel { topic: topic.clone() };
+            let ml = t.managed_ledger();
+            m.storage_bytes.get_or_create(&label).set(ml.stored_bytes() as i64);
+            m.storage_bookie_bytes.get_or_create(&label).set(ml.bookie_bytes() as i64);
+            m.storage_offloaded_bytes.get_or_create(&label).set(ml.offloaded().0 as i64);
             for (sub, stats) in t.subscription_stats() {
                 let l = SubscriptionLabel { topic: topic.clone(), subscription: sub };
                 m.backlog.get_or_create(&l).set(t.backlog(&stats) as i64);

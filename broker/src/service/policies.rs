@@ -46,6 +46,31 @@ impl RetentionPolicy {
     }
 }
 
+/// When a namespace's closed ledgers go to object storage. A namespace that sets this policy
+/// replaces the broker's `[offload_policy]` threshold and age as a whole (unset: not on that
+/// account; `{}` offloads only on request); an unset `deletion_lag` takes the broker's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadPolicy {
+    /// Offload the oldest closed ledgers while the topic's data on bookies exceeds this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ByteSize>,
+    /// Offload closed ledgers whose newest entry is older than this.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub age: Option<Duration>,
+    /// How long bookies keep their copies after the upload.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub deletion_lag: Option<Duration>,
+}
+
+/// A topic's offload policy once defaults are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveOffloadPolicy {
+    pub threshold: Option<ByteSize>,
+    pub age: Option<Duration>,
+    pub deletion_lag: Duration,
+}
+
 /// A namespace's policies; unset fields take the broker's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,6 +87,9 @@ pub struct NamespacePolicies {
     pub write_quorum: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_quorum: Option<usize>,
+    /// Offload to object storage; unset: the broker's `[offload_policy]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadPolicy>,
 }
 
 /// The quorums a namespace's new ledgers get.
@@ -105,6 +133,18 @@ impl NamespacePolicies {
             ensemble_size: self.ensemble_size.unwrap_or(config.ledger.ensemble_size),
             write_quorum: self.write_quorum.unwrap_or(config.ledger.write_quorum),
             ack_quorum: self.ack_quorum.unwrap_or(config.ledger.ack_quorum),
+        }
+    }
+
+    pub fn offload_policy(&self, config: &BrokerConfig) -> EffectiveOffloadPolicy {
+        let d = &config.offload_policy;
+        match &self.offload {
+            Some(p) => EffectiveOffloadPolicy {
+                threshold: p.threshold,
+                age: p.age,
+                deletion_lag: p.deletion_lag.unwrap_or(d.deletion_lag),
+            },
+            None => EffectiveOffloadPolicy { threshold: d.threshold, age: d.age, deletion_lag: d.deletion_lag },
         }
     }
 

@@ -1,5 +1,5 @@
 //! A topic: its managed ledger, its subscriptions and its producers, and the periodic
-//! application of its namespace's retention policy.
+//! application of its namespace's retention and offload policies.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use magnetar_common::metadata::{MetadataError, PutOptions, Version};
 use magnetar_common::topic::TopicName;
 use magnetar_common::wire::{InitialPosition, SubscriptionType};
 use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -55,6 +56,52 @@ pub struct Topic {
     unloaded: tokio_util::sync::CancellationToken,
     /// One retention pass at a time (periodic or asked for).
     retention: tokio::sync::Mutex<()>,
+    offload: OffloadControl,
+}
+
+/// The topic's offloading: one pass at a time, woken by its timer or an admin request.
+#[derive(Debug, Default)]
+struct OffloadControl {
+    wake: tokio::sync::Notify,
+    status: Mutex<OffloadStatus>,
+}
+
+#[derive(Debug, Default)]
+struct OffloadStatus {
+    /// An admin request: offload every closed ledger up to this one.
+    requested_through: Option<u64>,
+    running: bool,
+    pending_ledgers: usize,
+    pending_bytes: u64,
+    last_error: Option<String>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// A topic's offload state as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OffloadView {
+    /// The broker's `[offload]` store (None: offloading is not configured).
+    pub store: Option<String>,
+    /// `idle`, `running`, `backoff` (waiting to retry after a failure) or `disabled`.
+    pub state: &'static str,
+    /// Bytes of entries on bookies and in object storage.
+    pub bookie_bytes: u64,
+    pub offloaded_bytes: u64,
+    pub offloaded_ledgers: usize,
+    /// Closed ledgers the policy (or a request) wants offloaded that are not yet: the offload lag.
+    pub pending_ledgers: usize,
+    pub pending_bytes: u64,
+    /// An admin request being served: every closed ledger up to this id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_through: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+    /// The latest read of offloaded entries failed with this (consumers wait and retry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_error: Option<String>,
 }
 
 /// What a subscriber asks for.
@@ -87,7 +134,15 @@ impl Topic {
         let q = policies.quorums(&ctx.config);
         (ledger.ensemble_size, ledger.write_quorum, ledger.ack_quorum) =
             (q.ensemble_size, q.write_quorum, q.ack_quorum);
-        let ml = ManagedLedger::open(name.clone(), ctx.ledgers.clone(), ctx.cache.clone(), ledger, create).await?;
+        let ml = ManagedLedger::open(
+            name.clone(),
+            ctx.ledgers.clone(),
+            ctx.cache.clone(),
+            ledger,
+            create,
+            ctx.offloader.clone(),
+        )
+        .await?;
         let label = TopicLabel { topic: name.to_string() };
         let m = &ctx.metrics;
         let counters = Arc::new(TopicCounters {
@@ -108,6 +163,7 @@ impl Topic {
             counters,
             unloaded: tokio_util::sync::CancellationToken::new(),
             retention: tokio::sync::Mutex::new(()),
+            offload: OffloadControl::default(),
         });
         // Durable subscriptions come back with their cursors.
         let prefix = format!("{}/", cursor_key(&name.path(), ""));
@@ -135,6 +191,9 @@ impl Topic {
         let n = subs.len();
         drop(subs);
         tokio::spawn(retention_task(Arc::downgrade(&topic), ctx.config.ledger.retention_check_interval));
+        if ctx.offloader.is_some() {
+            tokio::spawn(offload_task(Arc::downgrade(&topic), ctx.config.offload_policy.check_interval));
+        }
         info!(topic = %name, subscriptions = n, "topic loaded");
         Ok(topic)
     }
@@ -170,6 +229,127 @@ impl Topic {
             info!(topic = %self.name, ledgers = ?trimmed.ledgers, bytes = trimmed.bytes, orphaned = ?trimmed.orphaned, "retention applied");
         }
         Ok(trimmed)
+    }
+
+    /// Asks for every closed ledger to be offloaded now (a failed pass is retried at once).
+    /// The upload runs in the background: [`Self::offload_view`] follows it.
+    pub fn request_offload(&self) -> Result<OffloadView, ServiceError> {
+        if self.ctx.offloader.is_none() {
+            return Err(ServiceError::BadRequest("this broker has no [offload] object store configured".into()));
+        }
+        {
+            let mut st = self.offload_status();
+            if let Some(last) = self.ml.last_closed_ledger() {
+                st.requested_through = Some(st.requested_through.map_or(last, |r| r.max(last)));
+            }
+            st.retry_at = None;
+        }
+        self.offload.wake.notify_one();
+        Ok(self.offload_view())
+    }
+
+    fn offload_status(&self) -> std::sync::MutexGuard<'_, OffloadStatus> {
+        self.offload.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn offload_view(&self) -> OffloadView {
+        let (offloaded_bytes, offloaded_ledgers) = self.ml.offloaded();
+        let st = self.offload_status();
+        let now = Instant::now();
+        let retry_in = st.retry_at.filter(|t| *t > now).map(|t| (t - now).as_millis() as u64);
+        let state = match (&self.ctx.offloader, st.running, retry_in) {
+            (None, _, _) => "disabled",
+            (_, true, _) => "running",
+            (_, _, Some(_)) => "backoff",
+            _ => "idle",
+        };
+        OffloadView {
+            store: self.ctx.offloader.as_ref().map(|o| o.store().url().to_string()),
+            state,
+            bookie_bytes: self.ml.bookie_bytes(),
+            offloaded_bytes,
+            offloaded_ledgers,
+            pending_ledgers: st.pending_ledgers,
+            pending_bytes: st.pending_bytes,
+            requested_through: st.requested_through,
+            last_error: st.last_error.clone(),
+            retry_in_ms: retry_in,
+            read_error: self.ml.offload_read_error(),
+        }
+    }
+
+    /// One offload pass: uploads what the namespace's policy (or an admin request) asks for,
+    /// oldest first, stopping at the first failure (retried after a backoff), then deletes the
+    /// bookies' copies of ledgers offloaded longer ago than the deletion lag.
+    async fn run_offload(&self) {
+        let Some(offloader) = self.ctx.offloader.clone() else { return };
+        let policy = match self.ctx.policies.for_topic(self.name.tenant(), self.name.namespace()).await {
+            Ok(p) => p.offload_policy(&self.ctx.config),
+            Err(e) => {
+                warn!(topic = %self.name, error = %e, "offload: read the namespace policy (retrying at the next check)");
+                return;
+            }
+        };
+        let requested = self.offload_status().requested_through;
+        let plan = self.ml.offload_plan(&policy, requested, now_ms());
+        {
+            let mut st = self.offload_status();
+            st.pending_ledgers = plan.upload.len();
+            st.pending_bytes = plan.upload_bytes;
+            st.running = !plan.upload.is_empty();
+        }
+        let label = TopicLabel { topic: self.name.to_string() };
+        let backlog = self.ctx.metrics.offload_backlog_bytes.get_or_create(&label).clone();
+        backlog.set(plan.upload_bytes as i64);
+        let mut failure = None;
+        for id in &plan.upload {
+            match offloader.offload_ledger(*id).await {
+                Ok(state) => {
+                    self.ml.set_offload(*id, state);
+                    let mut st = self.offload_status();
+                    st.pending_ledgers = st.pending_ledgers.saturating_sub(1);
+                    let left = self.ml.offload_plan(&policy, st.requested_through, now_ms()).upload_bytes;
+                    st.pending_bytes = left;
+                    backlog.set(left as i64);
+                }
+                Err(e) => {
+                    failure = Some(format!("ledger {id}: {e}"));
+                    break;
+                }
+            }
+        }
+        let mut copies_failed = None;
+        for id in self.ml.offload_plan(&policy, None, now_ms()).delete_copies {
+            match offloader.delete_bookie_copies(id).await {
+                Ok(state) => self.ml.set_offload(id, state),
+                Err(e) => {
+                    copies_failed = Some(format!("delete bookie copies of ledger {id}: {e}"));
+                    break;
+                }
+            }
+        }
+        let mut st = self.offload_status();
+        st.running = false;
+        match failure.or(copies_failed) {
+            None => {
+                if requested.is_some() && st.requested_through == requested {
+                    st.requested_through = None;
+                }
+                st.failures = 0;
+                st.last_error = None;
+                st.retry_at = None;
+            }
+            Some(e) => {
+                offloader.counters.failures.inc();
+                st.failures += 1;
+                let c = offloader.config();
+                let backoff =
+                    c.retry_initial_backoff.saturating_mul(1 << (st.failures - 1).min(16)).min(c.retry_max_backoff);
+                warn!(topic = %self.name, error = %e, retry_in = ?backoff, "offload failed; data stays on bookies");
+                st.last_error = Some(e);
+                st.retry_at = Some(Instant::now() + backoff);
+            }
+        }
     }
 
     fn start_subscription(
@@ -422,6 +602,33 @@ async fn retention_task(topic: std::sync::Weak<Topic>, every: Duration) {
             warn!(topic = %t.name, error = %e, "apply retention (retrying at the next check)");
         }
     }
+}
+
+/// Runs the topic's offload passes: every `every`, when an admin request wakes it, and after a
+/// failure once its backoff ends. A pass in progress is dropped when the topic unloads: the
+/// upload is aborted (nothing becomes visible) and the ledger's next owner takes it over.
+async fn offload_task(topic: std::sync::Weak<Topic>, every: Duration) {
+    let Some(unloaded) = topic.upgrade().map(|t| t.unloaded.clone()) else { return };
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        let Some(t) = topic.upgrade() else { return };
+        // After a failure the next pass waits for the end of the backoff instead.
+        let at = t.offload_status().retry_at.map_or(next, tokio::time::Instant::from_std);
+        tokio::select! {
+            _ = unloaded.cancelled() => return,
+            _ = t.offload.wake.notified() => {}
+            _ = tokio::time::sleep_until(at) => {}
+        }
+        next = tokio::time::Instant::now() + every;
+        tokio::select! {
+            _ = unloaded.cancelled() => return,
+            _ = t.run_offload() => {}
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A producer attached to a topic. Dropping it frees its name.

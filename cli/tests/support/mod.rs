@@ -203,12 +203,40 @@ pub struct StandaloneProc {
     pub http: String,
     pub cert: PathBuf,
     child: Option<Child>,
+    /// More arguments of `magnetar standalone` (e.g. `--broker-config FILE`).
+    args: Vec<std::ffi::OsString>,
 }
 
 impl StandaloneProc {
     pub fn start(dir: &Path) -> Self {
-        let mut s =
-            Self { dir: dir.into(), url: String::new(), http: String::new(), cert: PathBuf::new(), child: None };
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts standalone with broker and bookie configuration files written from `broker` and
+    /// `bookie` (TOML) next to `dir`.
+    pub fn start_configured(dir: &Path, broker: &str, bookie: &str) -> Self {
+        let parent = dir.parent().expect("data dir has a parent");
+        let (broker_file, bookie_file) = (parent.join("broker.toml"), parent.join("bookie.toml"));
+        std::fs::write(&broker_file, broker).expect("write broker config");
+        std::fs::write(&bookie_file, bookie).expect("write bookie config");
+        let args = [
+            "--broker-config".into(),
+            broker_file.into_os_string(),
+            "--bookie-config".into(),
+            bookie_file.into_os_string(),
+        ];
+        Self::start_with(dir, &args)
+    }
+
+    pub fn start_with(dir: &Path, args: &[std::ffi::OsString]) -> Self {
+        let mut s = Self {
+            dir: dir.into(),
+            url: String::new(),
+            http: String::new(),
+            cert: PathBuf::new(),
+            child: None,
+            args: args.to_vec(),
+        };
         s.spawn();
         s
     }
@@ -223,6 +251,7 @@ impl StandaloneProc {
         let mut child = Command::new(magnetar())
             .args(["standalone", "--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&self.dir)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)

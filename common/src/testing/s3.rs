@@ -115,6 +115,30 @@ impl S3Server {
         Ok(body.matches("<UploadId>").count())
     }
 
+    /// Keys of the bucket's objects under `prefix` (completed uploads only), in key order.
+    pub fn object_keys(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut path = format!("/{}?list-type=2&prefix={prefix}", Self::BUCKET);
+            if let Some(t) = &token {
+                let t = t.replace('%', "%25").replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+                path.push_str(&format!("&continuation-token={t}"));
+            }
+            let (status, body) = self.request("GET", &path)?;
+            if status != 200 {
+                return Err(io::Error::other(format!("list objects: HTTP {status}: {body}")));
+            }
+            keys.extend(xml_values(&body, "Key"));
+            token = xml_values(&body, "NextContinuationToken").into_iter().next();
+            if token.is_none() {
+                break;
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     /// Freezes the server (SIGSTOP): connections are accepted by the kernel but nothing answers.
     pub fn pause(&self) -> io::Result<()> {
         self.signal("-STOP")
@@ -194,4 +218,18 @@ fn find_moto_server() -> io::Result<PathBuf> {
             ),
         )
     })
+}
+
+/// The text of every `<tag>…</tag>` in `xml` (no nesting, no entities beyond what keys use).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + open.len()..];
+        let Some(end) = after.find(&close) else { break };
+        out.push(after[..end].to_string());
+        rest = &after[end + close.len()..];
+    }
+    out
 }

@@ -84,6 +84,10 @@ pub(super) async fn repair_ledger(
                 return out;
             }
         };
+        if md.bookie_copies_deleted() {
+            out.healthy = true;
+            return out;
+        }
         let live: HashSet<String> = ctx.shared.registry.live().into_iter().map(|r| r.bookie_id).collect();
         let next = (0..md.fragments.len()).find(|&i| {
             let f = &md.fragments[i];
@@ -438,6 +442,7 @@ mod tests {
             fragments: fragments.iter().map(|(f, b)| Fragment { first_entry: *f, bookies: ids(b) }).collect(),
             created_at_ms: 0,
             custom: Default::default(),
+            offload: None,
         }
     }
 
