@@ -22,6 +22,8 @@ pub enum PerfCommand {
     E2e(crate::client_perf::E2ePerfArgs),
     /// The machine's loopback ceiling: a raw QUIC or TCP stream on 127.0.0.1 (a baseline).
     Loopback(crate::loopback::LoopbackArgs),
+    /// Raw PUT and GET throughput of the `[offload]` object store (the offload benchmark's baseline).
+    ObjectStore(crate::object_store_perf::ObjectStorePerfArgs),
 }
 
 /// Writes a JSON summary when asked to.
@@ -40,5 +42,6 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Consume(a) => crate::client_perf::consume(a).await,
         PerfCommand::E2e(a) => crate::client_perf::e2e(a).await,
         PerfCommand::Loopback(a) => crate::loopback::run(a).await,
+        PerfCommand::ObjectStore(a) => crate::object_store_perf::run(a).await,
     }
 }

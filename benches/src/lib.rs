@@ -5,4 +5,5 @@ pub mod cli;
 pub mod client_perf;
 pub mod connect;
 pub mod loopback;
+pub mod object_store_perf;
 pub mod stats;
