@@ -317,7 +317,7 @@ async fn a_frozen_s3_server_never_stops_producing_and_reads_resume_when_it_retur
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_deletes_offloaded_objects() {
+async fn retention_and_topic_deletion_delete_offloaded_objects() {
     let s3 = S3Server::start().expect("start the S3 server");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -339,4 +339,14 @@ async fn retention_deletes_offloaded_objects() {
     assert!(out.contains("deleted"), "{out}");
     assert!(segments(&s3).is_empty(), "retention deleted the objects: {:?}", segments(&s3));
     assert_eq!(offload_status(&sa, topic)["offloaded_ledgers"], 0);
+
+    // Deleting a topic deletes its objects too.
+    let doomed = "doomed";
+    let producer = client.producer(doomed).batching(false).create().await.expect("producer");
+    produce(&producer, 0..50, size).await;
+    producer.close().await.expect("close producer");
+    admin(&sa, &["topics", "offload", doomed, "--wait", "--timeout", "2min"]);
+    assert!(!segments(&s3).is_empty());
+    admin(&sa, &["topics", "delete", doomed, "--force"]);
+    assert!(segments(&s3).is_empty(), "topic deletion deleted the objects: {:?}", segments(&s3));
 }

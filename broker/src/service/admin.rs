@@ -7,7 +7,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use magnetar_bookie::client::LedgerError;
 use magnetar_common::ids::{MessageId, Position};
 use magnetar_common::topic::TopicName;
 use magnetar_common::wire::{InitialPosition, SubscriptionType};
@@ -230,10 +229,11 @@ impl BrokerService {
         }
         self.store().delete(&managed_ledger::key(&name), None).await?;
         for id in ledgers {
-            match self.ledgers().delete(id).await {
-                Ok(()) | Err(LedgerError::NoSuchLedger(_)) => {}
-                // The list no longer names it: an orphan the bookies keep until deleted by hand.
-                Err(e) => warn!(topic = %name, ledger_id = id, error = %e, "delete ledger of deleted topic"),
+            let offloader = self.ctx.offloader.as_deref();
+            if let Err(e) = super::offloader::delete_ledger(self.ledgers(), offloader, id).await {
+                // The list no longer names it: an orphan (on bookies or in the object store, its
+                // metadata saying where) until deleted by hand.
+                warn!(topic = %name, ledger_id = id, error = %e, "delete ledger of deleted topic");
             }
         }
         info!(topic = %name, "topic deleted");

@@ -589,25 +589,12 @@ impl ManagedLedger {
             self.forget_reader(l.id);
             trimmed.ledgers.push(l.id);
             trimmed.bytes += l.bytes;
-            if let Some(offload) = l.offload.as_deref().filter(|o| o.segments().is_some()) {
-                let deleted = match &self.offloader {
-                    Some(o) => o.delete_objects(offload).await.map_err(|e| e.to_string()),
-                    None => Err("this broker has no [offload] store configured".to_string()),
-                };
-                if let Err(e) = deleted {
-                    // The metadata stays: it is the record of the objects still to delete.
-                    let keys: Vec<&String> = offload.segments().unwrap_or_default().iter().map(|s| &s.key).collect();
-                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, objects = ?keys, "retention: delete offloaded objects (the ledger's metadata is kept as their record)");
-                    trimmed.orphaned.push(l.id);
-                    continue;
-                }
-            }
-            match self.client.delete(l.id).await {
+            match super::offloader::delete_ledger(&self.client, self.offloader.as_deref(), l.id).await {
                 Ok(()) => {
                     info!(topic = %self.topic, ledger_id = l.id, entries = l.last_entry + 1, bytes = l.bytes, "retention: ledger deleted")
                 }
                 Err(e) => {
-                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, "retention: delete ledger (off the list already: its data stays on the bookies as an orphan)");
+                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, "retention: delete ledger (off the list already: its data stays where its metadata says, an orphan)");
                     trimmed.orphaned.push(l.id);
                 }
             }

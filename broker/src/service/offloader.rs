@@ -359,6 +359,39 @@ impl Offloader {
     }
 }
 
+/// Deletes a ledger everywhere: its objects in the store first (if it was offloaded), then its
+/// bookie copies and metadata. When the objects cannot be deleted the metadata stays, as the
+/// record of what is left in the store. A ledger that does not exist is deleted already.
+pub async fn delete_ledger(
+    client: &LedgerClient,
+    offloader: Option<&Offloader>,
+    ledger_id: u64,
+) -> Result<(), ServiceError> {
+    let md = match client.metadata(ledger_id).await {
+        Ok(md) => md,
+        Err(LedgerError::NoSuchLedger(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(offload) = md.offload.as_ref().filter(|o| o.segments().is_some()) {
+        let Some(offloader) = offloader else {
+            return Err(ServiceError::Unavailable(format!(
+                "ledger {ledger_id} has objects in {}, and this broker has no [offload] store configured to delete them",
+                match offload {
+                    LedgerOffload::Offloaded { store, .. } => store.as_str(),
+                    LedgerOffload::Uploading { .. } => "object storage",
+                }
+            )));
+        };
+        offloader.delete_objects(offload).await.map_err(|e| {
+            ServiceError::Unavailable(format!("delete the objects of offloaded ledger {ledger_id}: {e}"))
+        })?;
+    }
+    match client.delete(ledger_id).await {
+        Ok(()) | Err(LedgerError::NoSuchLedger(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 enum Claimed {
     Done(LedgerOffload),
     Mine(LedgerMetadata),
