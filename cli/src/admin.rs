@@ -130,6 +130,9 @@ enum NamespacesCmd {
         /// Unset retention (keep everything acknowledged).
         #[arg(long, conflicts_with_all = ["retention_time", "retention_size"])]
         clear_retention: bool,
+        /// Unset the namespace's offload policy (the broker's [offload_policy] applies).
+        #[arg(long, conflicts_with_all = ["offload_threshold", "offload_age", "offload_deletion_lag"])]
+        clear_offload: bool,
     },
     /// Delete a namespace without topics.
     Delete {
@@ -307,6 +310,17 @@ struct PolicyFlags {
     /// Copies that must be durable before a message is acknowledged.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     ack_quorum: Option<u64>,
+    /// Offload the oldest closed ledgers to object storage while a topic's data on bookies
+    /// exceeds this (e.g. "10GiB"). Setting any --offload-* flag gives the namespace its own
+    /// offload policy instead of the broker's [offload_policy].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_text)]
+    offload_threshold: Option<String>,
+    /// Offload closed ledgers whose newest entry is older than this (e.g. "4h").
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_text)]
+    offload_age: Option<String>,
+    /// Keep the bookies' copies this long after a ledger is offloaded (e.g. "1h", "0s").
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_text)]
+    offload_deletion_lag: Option<String>,
 }
 
 impl PolicyFlags {
@@ -317,6 +331,9 @@ impl PolicyFlags {
             && self.ensemble_size.is_none()
             && self.write_quorum.is_none()
             && self.ack_quorum.is_none()
+            && self.offload_threshold.is_none()
+            && self.offload_age.is_none()
+            && self.offload_deletion_lag.is_none()
     }
 
     /// Writes the given flags into a policies object (the API's JSON), leaving the rest alone.
@@ -330,19 +347,33 @@ impl PolicyFlags {
         set("ensemble_size", self.ensemble_size.map(Value::from));
         set("write_quorum", self.write_quorum.map(Value::from));
         set("ack_quorum", self.ack_quorum.map(Value::from));
-        if self.retention_time.is_none() && self.retention_size.is_none() {
-            return;
-        }
-        let retention = p.entry("retention").or_insert_with(|| Value::Object(Map::new()));
-        if !retention.is_object() {
-            *retention = Value::Object(Map::new());
-        }
-        if let Value::Object(r) = retention {
-            if let Some(t) = &self.retention_time {
-                r.insert("time".into(), Value::from(t.as_str()));
-            }
-            if let Some(s) = &self.retention_size {
-                r.insert("size".into(), Value::from(s.as_str()));
+        set_nested(p, "retention", &[("time", &self.retention_time), ("size", &self.retention_size)]);
+        set_nested(
+            p,
+            "offload",
+            &[
+                ("threshold", &self.offload_threshold),
+                ("age", &self.offload_age),
+                ("deletion_lag", &self.offload_deletion_lag),
+            ],
+        );
+    }
+}
+
+/// Sets the given fields of the object `p[key]` (created if missing), leaving its other fields;
+/// does nothing when no field is given.
+fn set_nested(p: &mut Map<String, Value>, key: &str, fields: &[(&str, &Option<String>)]) {
+    if fields.iter().all(|(_, v)| v.is_none()) {
+        return;
+    }
+    let object = p.entry(key).or_insert_with(|| Value::Object(Map::new()));
+    if !object.is_object() {
+        *object = Value::Object(Map::new());
+    }
+    if let Value::Object(o) = object {
+        for (name, value) in fields {
+            if let Some(v) = value {
+                o.insert((*name).into(), Value::from(v.as_str()));
             }
         }
     }
@@ -588,6 +619,11 @@ fn render_namespace(v: &NamespaceView) -> String {
     t.row(vec!["ensemble_size".into(), cell(p.get("ensemble_size")), q.ensemble_size.to_string()]);
     t.row(vec!["write_quorum".into(), cell(p.get("write_quorum")), q.write_quorum.to_string()]);
     t.row(vec!["ack_quorum".into(), cell(p.get("ack_quorum")), q.ack_quorum.to_string()]);
+    let offload = p.get("offload").and_then(Value::as_object);
+    for key in ["threshold", "age", "deletion_lag"] {
+        let set = offload.map_or_else(|| "(broker default)".to_string(), |o| cell(o.get(key)));
+        t.row(vec![format!("offload.{key}"), set, String::new()]);
+    }
     format!("namespace {}\n{}", v.namespace, t.render())
 }
 
@@ -606,11 +642,12 @@ async fn namespaces(ctx: &Ctx, command: NamespacesCmd) -> anyhow::Result<()> {
         NamespacesCmd::Get { namespace } => {
             ctx.show(&api.get(&namespace_path(&namespace)).await?, |a| Ok(render_namespace(&a.json()?)))
         }
-        NamespacesCmd::SetPolicies { namespace, policies, clear_retention } => {
-            if policies.is_empty() && !clear_retention {
+        NamespacesCmd::SetPolicies { namespace, policies, clear_retention, clear_offload } => {
+            if policies.is_empty() && !clear_retention && !clear_offload {
                 anyhow::bail!(
                     "nothing to change: give at least one of --bundles, --retention-time, --retention-size, \
-                     --clear-retention, --ensemble-size, --write-quorum, --ack-quorum"
+                     --clear-retention, --ensemble-size, --write-quorum, --ack-quorum, --offload-threshold, \
+                     --offload-age, --offload-deletion-lag, --clear-offload"
                 );
             }
             // Read, change what was given, write the whole object back.
@@ -618,6 +655,9 @@ async fn namespaces(ctx: &Ctx, command: NamespacesCmd) -> anyhow::Result<()> {
             let mut body = current.policies;
             if clear_retention {
                 body.insert("retention".into(), Value::Object(Map::new()));
+            }
+            if clear_offload {
+                body.remove("offload");
             }
             policies.apply(&mut body);
             let body = Value::Object(body);
@@ -991,11 +1031,30 @@ mod tests {
             ensemble_size: Some(3),
             write_quorum: None,
             ack_quorum: None,
+            offload_threshold: None,
+            offload_age: None,
+            offload_deletion_lag: Some("10min".into()),
         };
         flags.apply(&mut p);
         assert_eq!(
-            Value::Object(p),
-            serde_json::json!({"bundles":4,"retention":{"time":"30min","size":"1GiB"},"ensemble_size":3})
+            Value::Object(p.clone()),
+            serde_json::json!({"bundles":4,"retention":{"time":"30min","size":"1GiB"},"ensemble_size":3,
+                "offload":{"deletion_lag":"10min"}})
         );
+        let only_offload = PolicyFlags {
+            bundles: None,
+            retention_time: None,
+            retention_size: None,
+            ensemble_size: None,
+            write_quorum: None,
+            ack_quorum: None,
+            offload_threshold: Some("1GiB".into()),
+            offload_age: None,
+            offload_deletion_lag: None,
+        };
+        assert!(!only_offload.is_empty());
+        only_offload.apply(&mut p);
+        assert_eq!(p["offload"], serde_json::json!({"threshold":"1GiB","deletion_lag":"10min"}));
+        assert_eq!(p["retention"], serde_json::json!({"time":"30min","size":"1GiB"}), "untouched");
     }
 }
