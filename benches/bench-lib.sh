@@ -17,3 +17,29 @@ dd_baseline() {
   DD_MBS=$(echo $DD_ALL | tr ' ' '\n' | sort -n | sed -n 2p)
   echo "   runs:$DD_ALL MB/s; median $DD_MBS MB/s"
 }
+
+# write_section FILE NAME TEXT [AFTER]: puts TEXT (which starts with `<!-- NAME:start -->` and ends
+# with `<!-- NAME:end -->`) into FILE in place of the old section of that name; a new section goes
+# after the `<!-- AFTER:end -->` marker when there is one, else at the end. Creates FILE (the
+# page's title and preamble) when missing.
+write_section() {
+  local file=$1 name=$2 text=$3 after=${4:-}
+  if [ ! -f "$file" ]; then
+    { echo "# Benchmarks"; echo; echo "Every figure on this page is written by a script in \`benches/\`; none is typed by hand."; } > "$file"
+  fi
+  python3 - "$file" "$name" "$text" "$after" <<'PY'
+import re, sys
+path, name, text, after = sys.argv[1:5]
+s = open(path).read()
+pat = re.compile(r"<!-- %s:start -->.*?<!-- %s:end -->" % (re.escape(name), re.escape(name)), re.S)
+if pat.search(s):
+    s = pat.sub(lambda m: text, s, count=1)
+elif after and "<!-- %s:end -->" % after in s:
+    i = s.index("<!-- %s:end -->" % after) + len("<!-- %s:end -->" % after)
+    s = s[:i] + "\n\n" + text + s[i:]
+else:
+    s = s.rstrip("\n") + "\n\n" + text + "\n"
+open(path, "w").write(s if s.endswith("\n") else s + "\n")
+PY
+  echo "wrote $file"
+}

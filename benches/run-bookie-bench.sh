@@ -105,15 +105,4 @@ Notes:
 <!-- bookie-bench:end -->
 MD
 )
-if [ -f "$OUT" ] && grep -q "bookie-bench:start" "$OUT"; then
-  python3 - "$OUT" "$SECTION" <<'PY'
-import sys,re
-p,sec=sys.argv[1],sys.argv[2]
-s=open(p).read()
-s=re.sub(r"<!-- bookie-bench:start -->.*<!-- bookie-bench:end -->", lambda m: sec, s, flags=re.S)
-open(p,"w").write(s)
-PY
-else
-  { echo "# Benchmarks"; echo; echo "Every figure on this page is written by a script in \`benches/\`; none is typed by hand."; echo; echo "$SECTION"; } > "$OUT"
-fi
-echo "wrote $OUT"
+write_section "$OUT" bookie-bench "$SECTION"

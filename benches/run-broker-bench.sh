@@ -178,23 +178,4 @@ Notes:
 <!-- broker-bench:end -->
 MD
 )
-if [ ! -f "$OUT" ]; then
-  { echo "# Benchmarks"; echo; echo "Every figure on this page is written by a script in \`benches/\`; none is typed by hand."; } > "$OUT"
-fi
-python3 - "$OUT" "$SECTION" <<'PY'
-import sys, re
-p, sec = sys.argv[1], sys.argv[2]
-s = open(p).read()
-pat = re.compile(r"<!-- broker-bench:start -->.*?<!-- broker-bench:end -->", re.S)
-if pat.search(s):
-    s = pat.sub(lambda m: sec, s, count=1)
-elif "<!-- bookie-bench:end -->" in s:
-    i = s.index("<!-- bookie-bench:end -->") + len("<!-- bookie-bench:end -->")
-    s = s[:i] + "\n\n" + sec + s[i:]
-else:
-    s = s.rstrip("\n") + "\n\n" + sec + "\n"
-if not s.endswith("\n"):
-    s += "\n"
-open(p, "w").write(s)
-PY
-echo "wrote $OUT"
+write_section "$OUT" broker-bench "$SECTION" bookie-bench

@@ -6,7 +6,8 @@
 //! PUT: objects of `--object-size` written one after another as multipart uploads of
 //! `offload.part_bytes` parts, `offload.upload_concurrency` parts in flight (what a segment
 //! writer does). GET: the same objects read back one after another, each in one streamed GET
-//! (one sequential reader, as one catching-up consumer).
+//! (one sequential reader, as one catching-up consumer), then again as sequential range GETs of
+//! `offload.read_ahead_bytes` (the request pattern of a segment reader catching up).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +50,8 @@ pub struct ObjectStoreSummary {
     pub upload_concurrency: usize,
     pub put_mb_per_sec: f64,
     pub get_mb_per_sec: f64,
+    pub range_bytes: u64,
+    pub range_get_mb_per_sec: f64,
 }
 
 pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
@@ -103,6 +106,22 @@ pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
     anyhow::ensure!(read == total, "read {read} bytes back, wrote {total}");
     let get = total as f64 / 1e6 / get_secs;
     println!("GET {:.1} MB/s ({total} bytes in {get_secs:.2} s)", get);
+
+    let range = config.read_ahead_bytes.as_u64().max(1);
+    let started = Instant::now();
+    let mut read = 0u64;
+    for path in &paths {
+        let mut at = 0;
+        while at < object_bytes {
+            let end = (at + range).min(object_bytes);
+            read += client.get_range(path, at..end).await?.len() as u64;
+            at = end;
+        }
+    }
+    let range_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(read == total, "read {read} bytes back in ranges, wrote {total}");
+    let range_get = total as f64 / 1e6 / range_secs;
+    println!("GET in ranges of {} MiB {:.1} MB/s ({total} bytes in {range_secs:.2} s)", range >> 20, range_get);
     for path in &paths {
         client.delete(path).await?;
     }
@@ -114,6 +133,8 @@ pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
         upload_concurrency: concurrency,
         put_mb_per_sec: put,
         get_mb_per_sec: get,
+        range_bytes: range,
+        range_get_mb_per_sec: range_get,
     };
     crate::cli::write_json(&args.json, &summary)
 }
