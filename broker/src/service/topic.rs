@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use magnetar_common::batch;
 use magnetar_common::ids::Position;
 use magnetar_common::metadata::{MetadataError, PutOptions, Version};
@@ -302,10 +303,19 @@ impl Topic {
         let backlog = self.ctx.metrics.offload_backlog_bytes.get_or_create(&label).clone();
         backlog.set(plan.upload_bytes as i64);
         let mut failure = None;
-        for id in &plan.upload {
-            match offloader.offload_ledger(*id).await {
+        // Up to max_concurrent_uploads ledgers at once (the broker-wide limit still holds),
+        // recorded oldest first; the first failure stops the pass (uploads still running are
+        // dropped: aborted, and taken over by the next pass).
+        let mut uploads = futures::stream::iter(plan.upload.iter().copied())
+            .map(|id| {
+                let offloader = offloader.clone();
+                async move { (id, offloader.offload_ledger(id).await) }
+            })
+            .buffered(offloader.config().max_concurrent_uploads.max(1));
+        while let Some((id, result)) = uploads.next().await {
+            match result {
                 Ok(state) => {
-                    self.ml.set_offload(*id, state);
+                    self.ml.set_offload(id, state);
                     let mut st = self.offload_status();
                     st.pending_ledgers = st.pending_ledgers.saturating_sub(1);
                     let left = self.ml.offload_plan(&policy, st.requested_through, now_ms()).upload_bytes;
