@@ -88,21 +88,23 @@ start_standalone
 TOPIC=bench-offload
 MESSAGES=$(( TOTAL_MIB * 16 )) # 64 KiB messages
 run "$BIN" perf produce "$TOPIC" --size 65536 -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$WORK/produce.json"
+# A restart empties the broker's entry cache and closes the ledger being written. The same
+# consumer first reads everything from the bookies, for comparison in the same run.
+stop_standalone
+start_standalone
+run "$BIN" perf consume "$TOPIC" -s from-bookies --position earliest -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$WORK/from-bookies.json"
+FROM_BOOKIES=$(jq '.consumed.mb_per_sec * 10 | floor / 10' "$WORK/from-bookies.json")
 T0=$(date +%s.%N)
 run "$BIN" admin --url "$HTTP" topics offload "$TOPIC" --wait --timeout 20min
 T1=$(date +%s.%N)
-"$BIN" admin --url "$HTTP" --json topics offload-status "$TOPIC" > "$WORK/offload-1.json"
-UP_BYTES=$(jq '.offloaded_bytes' "$WORK/offload-1.json")
-UP_LEDGERS=$(jq '.offloaded_ledgers' "$WORK/offload-1.json")
+"$BIN" admin --url "$HTTP" --json topics offload-status "$TOPIC" > "$WORK/offload.json"
+UP_BYTES=$(jq '.offloaded_bytes' "$WORK/offload.json")
+UP_LEDGERS=$(jq '.offloaded_ledgers' "$WORK/offload.json")
+BOOKIE_LEFT=$(jq '.bookie_bytes' "$WORK/offload.json")
 UPLOAD=$(awk -v b="$UP_BYTES" -v a="$T0" -v z="$T1" 'BEGIN{printf "%.1f", b/1e6/(z-a)}')
-OBJECTS=$(grep -c 'ledger offloaded' "$WORK/standalone.log" || true)
-# A restart empties the broker's entry cache and closes the ledger being written: offload it too,
-# so the consumer reads everything from object storage.
+# Restart again, so that nothing the consumer reads comes from the entry cache.
 stop_standalone
 start_standalone
-run "$BIN" admin --url "$HTTP" topics offload "$TOPIC" --wait --timeout 20min
-"$BIN" admin --url "$HTTP" --json topics offload-status "$TOPIC" > "$WORK/offload-2.json"
-BOOKIE_LEFT=$(jq '.bookie_bytes' "$WORK/offload-2.json")
 run "$BIN" perf consume "$TOPIC" -s catchup --position earliest -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$WORK/catchup.json"
 CATCHUP=$(jq '.consumed.mb_per_sec * 10 | floor / 10' "$WORK/catchup.json")
 CHECK=$(jq -r '.check | "\(.messages) consumed, \(.gaps) gaps, \(.duplicates) duplicates"' "$WORK/catchup.json")
@@ -132,18 +134,19 @@ The S3-compatible server is moto $MOTO_VERSION (in memory, Python) on the same m
 baseline is its raw throughput measured in the same run with the offloader's own object_store
 client and settings (\`magnetar perf object-store\`: $TOTAL_MIB MiB in objects of $LEDGER_MIB MiB,
 multipart parts of 8 MiB, 4 in flight; GETs one object at a time, streamed). Magnetar: a release
-\`magnetar standalone\` with ledgers of $LEDGER_MIB MiB, 1 GiB produced in 64 KiB messages, offloaded
-on request (\`magnetar admin topics offload --wait\`, timed from the request to the last ledger
-recorded), restarted (an empty entry cache), the last ledger offloaded too, then one consumer
-reading everything from the earliest message.
+\`magnetar standalone\` with ledgers of $LEDGER_MIB MiB, 1 GiB produced in 64 KiB messages, restarted
+(closing the last ledger), offloaded on request (\`magnetar admin topics offload --wait\`, timed from the request to the last ledger
+recorded), restarted (an empty entry cache), then one consumer reading everything from the
+earliest message.
 
 | scenario | Magnetar | baseline (raw, same server, same run) | ratio | target (issue 6) |
 |---|---|---|---|---|
 | offload upload: $UP_LEDGERS ledgers, $(awk -v b="$UP_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB of objects | $UPLOAD MB/s | PUT $RAW_PUT MB/s | $(pct "$UPLOAD" "$RAW_PUT") | >= 80 %: $VUP |
 | catch-up read of 1 GiB from object storage, one consumer | $CATCHUP MB/s | GET $RAW_GET MB/s (whole objects); GET in sequential ranges of $RANGE_MIB MiB, the reader's request size: $RAW_RANGE MB/s | $(pct "$CATCHUP" "$RAW_GET") of whole-object GETs; $(pct "$CATCHUP" "$RAW_RANGE") of range GETs | >= 80 % of GET: $VGET |
 
-Consumer check: $CHECK; bytes left on bookies before the read: $BOOKIE_LEFT (the new, empty
-ledger); range GETs the broker made: ${GETS:-unknown}.
+Consumer check: $CHECK; bytes left on bookies after the offload: $BOOKIE_LEFT; GET requests
+the broker made while reading (index and data): ${GETS:-unknown}. The same consumer reading the
+same 1 GiB from the bookies (before the offload, after a restart): $FROM_BOOKIES MB/s.
 
 Commands:
 

@@ -1,16 +1,23 @@
 //! `SegmentReader`: verified range reads of one segment object, with read-ahead and a shared
 //! byte-bounded cache of fetched blocks.
+//!
+//! With a cache, a sequential reader is fed by one streamed GET from where it reads to the end
+//! of the segment's data, consumed at most `read_ahead_bytes` ahead of the reader (the rest waits
+//! in the connection's flow control). Each byte is requested once and a segment costs one
+//! request, whatever the server does with ranges (some, like moto, read the whole object for
+//! every range GET). A stream that fails or idles ends, and reads fall back to range GETs of
+//! `read_ahead_bytes` until the next stream starts.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
+use futures::StreamExt;
 use magnetar_common::entry::{ENTRY_HEADER_BYTES, Entry};
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange};
+use tokio::sync::watch;
 
 use super::format::{FOOTER_BYTES, Footer, INDEX_INTERVAL_BYTES, Index, LEN_PREFIX_BYTES};
 use super::{OffloadError, OffloadStore, SegmentInfo};
@@ -18,6 +25,9 @@ use crate::config::MAX_ENTRY_BYTES_LIMIT;
 
 /// Fetched data is cached in aligned blocks of this size.
 pub const BLOCK_BYTES: u64 = 1024 * 1024;
+
+/// A prefetch stream that no read has advanced for this long ends, releasing its connection.
+const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A cache key: object key and block number.
 pub(crate) type BlockKey = (Arc<str>, u64);
@@ -34,12 +44,24 @@ pub struct SegmentReader {
     prefetch: Arc<Mutex<Option<Prefetch>>>,
 }
 
-/// A background fetch of the blocks after the last read, at most one per reader.
+/// A background streamed GET of blocks `blocks`, delivered in order into the cache; at most one
+/// per reader.
 #[derive(Debug)]
 struct Prefetch {
     blocks: Range<u64>,
-    done: Shared<BoxFuture<'static, ()>>,
+    /// The next block the stream delivers (those before it are in the cache, unless evicted).
+    delivered: watch::Receiver<u64>,
+    /// The furthest block a read has reached; the stream delivers up to `read_ahead` past it.
+    wanted: watch::Sender<u64>,
     task: tokio::task::AbortHandle,
+}
+
+impl Prefetch {
+    /// Whether this stream is running and delivers `block` without fetching more than
+    /// `ahead` blocks nobody asked for.
+    fn serves(&self, block: u64, ahead: u64) -> bool {
+        !self.task.is_finished() && self.blocks.contains(&block) && block < *self.delivered.borrow() + ahead
+    }
 }
 
 impl SegmentReader {
@@ -165,43 +187,63 @@ impl SegmentReader {
         fetch_blocks(&self.store, &self.path, &self.key, self.info.index_offset, blocks).await
     }
 
-    /// After a read that ended at `pos`: fetch the next read-ahead window in the background if
-    /// part of it is not cached and no prefetch is running. Only with a cache to put it in.
+    /// After a read that ended at `pos`: keep the stream going ahead of the reader, or start one
+    /// if part of the next read-ahead window is not cached. Only with a cache to put it in.
     fn start_prefetch(&self, pos: u64) {
         if self.store.inner.cache.is_none() || pos >= self.info.index_offset {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let window_end = (pos / BLOCK_BYTES + self.read_ahead_blocks()).min(self.last_block() + 1);
-        let Some(first_missing) = (pos / BLOCK_BYTES..window_end).find(|&b| self.cached(b).is_none()) else {
-            return;
-        };
-        let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|p| !p.task.is_finished()) {
-            return;
-        }
-        let blocks = first_missing..(first_missing + self.read_ahead_blocks()).min(self.last_block() + 1);
-        let (store, path, key, data_len) =
-            (self.store.clone(), self.path.clone(), self.key.clone(), self.info.index_offset);
-        let range = blocks.clone();
-        let task = runtime.spawn(async move {
-            if let Err(e) = fetch_blocks(&store, &path, &key, data_len, range).await {
-                tracing::debug!(key = %key, error = %e, "prefetch segment blocks (the read will fetch them itself)");
+        let block = pos / BLOCK_BYTES;
+        let window_end = (block + self.read_ahead_blocks()).min(self.last_block() + 1);
+        match (block..window_end).find(|&b| self.cached(b).is_none()) {
+            Some(missing) => {
+                self.stream_for(missing, block);
             }
-        });
-        let abort = task.abort_handle();
-        let done = async move {
-            let _ = task.await;
+            None => self.note_position(block),
         }
-        .boxed()
-        .shared();
-        *slot = Some(Prefetch { blocks, done, task: abort });
     }
 
-    /// The running prefetch covering `block`, if any.
-    fn prefetch_covering(&self, block: u64) -> Option<Shared<BoxFuture<'static, ()>>> {
+    /// Tells a running stream that a read reached `block`, so it may deliver further.
+    fn note_position(&self, block: u64) {
         let slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref().filter(|p| p.blocks.contains(&block) && !p.task.is_finished()).map(|p| p.done.clone())
+        if let Some(p) = slot.as_ref().filter(|p| p.serves(block, self.read_ahead_blocks())) {
+            p.wanted.send_if_modified(|w| std::mem::replace(w, block.max(*w)) < block);
+        }
+    }
+
+    /// The stream that delivers `block` (a read being at `reader_at`): the running one if it
+    /// serves the block, else a new one from `block` to the end of the data when none runs.
+    /// `None` when another stream runs elsewhere in the segment (another reader's): the caller
+    /// fetches for itself.
+    fn stream_for(&self, block: u64, reader_at: u64) -> Option<watch::Receiver<u64>> {
+        let ahead = self.read_ahead_blocks();
+        let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = slot.as_ref() {
+            if p.serves(block, ahead) {
+                p.wanted.send_if_modified(|w| std::mem::replace(w, reader_at.max(*w)) < reader_at);
+                return Some(p.delivered.clone());
+            }
+            if !p.task.is_finished() {
+                return None;
+            }
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let blocks = block..self.last_block() + 1;
+        let (delivered_tx, delivered) = watch::channel(block);
+        let (wanted, wanted_rx) = watch::channel(reader_at.max(block));
+        let stream = BlockStream {
+            store: self.store.clone(),
+            path: self.path.clone(),
+            key: self.key.clone(),
+            data_len: self.info.index_offset,
+            blocks: blocks.clone(),
+            ahead,
+            delivered: delivered_tx,
+            wanted: wanted_rx,
+        };
+        let task = runtime.spawn(stream.run()).abort_handle();
+        *slot = Some(Prefetch { blocks, delivered: delivered.clone(), wanted, task });
+        Some(delivered)
     }
 }
 
@@ -210,6 +252,72 @@ impl Drop for SegmentReader {
         if let Some(p) = self.prefetch.lock().unwrap_or_else(|e| e.into_inner()).take() {
             p.task.abort();
         }
+    }
+}
+
+/// The task behind a [`Prefetch`]: one GET of `blocks`, cut into cache blocks as it arrives.
+struct BlockStream {
+    store: OffloadStore,
+    path: Path,
+    key: Arc<str>,
+    data_len: u64,
+    blocks: Range<u64>,
+    ahead: u64,
+    delivered: watch::Sender<u64>,
+    wanted: watch::Receiver<u64>,
+}
+
+impl BlockStream {
+    async fn run(mut self) {
+        match self.stream().await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::debug!(key = %self.key, error = %e, "segment prefetch stream ended (reads fetch for themselves)")
+            }
+        }
+    }
+
+    async fn stream(&mut self) -> Result<(), OffloadError> {
+        let Some(cache) = self.store.inner.cache.clone() else { return Ok(()) };
+        let range = self.blocks.start * BLOCK_BYTES..self.data_len;
+        let options = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..GetOptions::default() };
+        let get = |e| OffloadError::from_store("get segment stream", &self.key, e);
+        let mut body = self.store.inner.store.get_opts(&self.path, options).await.map_err(get)?.into_stream();
+        let mut block = self.blocks.start;
+        let mut buf = BytesMut::new();
+        let block_len = |b: u64| ((b + 1) * BLOCK_BYTES).min(self.data_len) - b * BLOCK_BYTES;
+        while block < self.blocks.end {
+            if (buf.len() as u64) < block_len(block) {
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Err(get(e)),
+                    None => {
+                        return Err(OffloadError::Unavailable {
+                            op: "get segment stream",
+                            key: self.key.to_string(),
+                            source: object_store::Error::Generic {
+                                store: "offload",
+                                source: format!("asked for bytes {range:?}, the body ended in block {block}").into(),
+                            },
+                        });
+                    }
+                }
+                continue;
+            }
+            // Deliver within read-ahead of the furthest read; meanwhile the body waits in the
+            // connection's flow control.
+            while block >= *self.wanted.borrow_and_update() + self.ahead {
+                match tokio::time::timeout(STREAM_IDLE, self.wanted.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                }
+            }
+            let bytes = buf.split_to(block_len(block) as usize).freeze();
+            cache.insert((self.key.clone(), block), bytes);
+            block += 1;
+            self.delivered.send_replace(block);
+        }
+        Ok(())
     }
 }
 
@@ -275,12 +383,19 @@ impl<'a> View<'a> {
             if self.blocks.contains_key(&block) {
                 continue;
             }
-            if let Some(wait) = self.reader.prefetch_covering(block) {
-                wait.await;
-            }
             if let Some(bytes) = self.reader.cached(block) {
                 self.blocks.insert(block, bytes);
                 continue;
+            }
+            if self.reader.store.inner.cache.is_some()
+                && let Some(mut delivered) = self.reader.stream_for(block, block)
+            {
+                // Err: the stream ended without the block; fetch it below.
+                let _ = delivered.wait_for(|&next| next > block).await;
+                if let Some(bytes) = self.reader.cached(block) {
+                    self.blocks.insert(block, bytes);
+                    continue;
+                }
             }
             // Fetch from here: at least to b1, and read-ahead further when there is a cache to
             // keep it (without one, only what this read may still need).
@@ -344,8 +459,8 @@ mod tests {
     use magnetar_common::entry::encode_entry;
     use object_store::memory::InMemory;
     use object_store::{
-        GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
-        PutResult,
+        GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+        PutOptions, PutPayload, PutResult,
     };
 
     use super::*;
@@ -357,6 +472,9 @@ mod tests {
         inner: InMemory,
         gets: AtomicU64,
         get_bytes: AtomicU64,
+        /// When non-zero: bodies longer than this fail after this many bytes.
+        break_bodies_after: AtomicU64,
+        broken: Arc<AtomicU64>,
     }
 
     impl std::fmt::Display for Counting {
@@ -381,7 +499,37 @@ mod tests {
             let result = self.inner.get_opts(at, o).await?;
             self.gets.fetch_add(1, Ordering::SeqCst);
             self.get_bytes.fetch_add(result.range.end - result.range.start, Ordering::SeqCst);
-            Ok(result)
+            let limit = self.break_bodies_after.load(Ordering::SeqCst);
+            if limit == 0 || result.range.end - result.range.start <= limit {
+                return Ok(result);
+            }
+            let (meta, range, attributes) = (result.meta.clone(), result.range.clone(), result.attributes.clone());
+            let broken = self.broken.clone();
+            let mut sent = 0u64;
+            // In 64 KiB chunks, as a network body arrives, failing once `limit` bytes are sent.
+            let body = result
+                .into_stream()
+                .flat_map(|chunk| {
+                    let pieces: Vec<object_store::Result<Bytes>> = match chunk {
+                        Ok(c) => (0..c.len())
+                            .step_by(64 * 1024)
+                            .map(|i| Ok(c.slice(i..(i + 64 * 1024).min(c.len()))))
+                            .collect(),
+                        Err(e) => vec![Err(e)],
+                    };
+                    futures::stream::iter(pieces)
+                })
+                .map(move |chunk| {
+                    let chunk = chunk?;
+                    if sent >= limit {
+                        broken.fetch_add(1, Ordering::SeqCst);
+                        return Err(object_store::Error::Generic { store: "test", source: "connection reset".into() });
+                    }
+                    sent += chunk.len() as u64;
+                    Ok(chunk)
+                })
+                .boxed();
+            Ok(GetResult { payload: GetResultPayload::Stream(body), meta, range, attributes })
         }
         async fn delete(&self, at: &Path) -> object_store::Result<()> {
             self.inner.delete(at).await
@@ -420,27 +568,8 @@ mod tests {
         (store, counting, info)
     }
 
-    #[tokio::test]
-    async fn sequential_reads_make_few_large_gets_and_prefetch_ahead() {
-        let (store, counting, info) = segment(ByteSize::mib(64)).await;
-        let reader = store.open_segment(&info).await.expect("open");
-        assert_eq!(counting.gets.swap(0, Ordering::SeqCst), 1, "open: one GET for index and footer");
-        counting.get_bytes.store(0, Ordering::SeqCst);
-
-        let first = reader.read(0, 39, 1024 * 1024).await.expect("read");
-        assert_eq!(first.len(), 1);
-        assert_eq!(counting.gets.load(Ordering::SeqCst), 1, "the first read fetched 8 MiB of read-ahead");
-        // Once a read ends past the first block, the 8 MiB after it are no longer all cached:
-        // they are prefetched in the background, without another read.
-        let second = reader.read(1, 39, 1024 * 1024).await.expect("read");
-        assert_eq!(second.len(), 1);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while counting.gets.load(Ordering::SeqCst) < 2 {
-            assert!(std::time::Instant::now() < deadline, "no prefetch within 10s");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-
-        let mut next = 2;
+    async fn read_all(reader: &SegmentReader) {
+        let mut next = 0;
         while next <= 39 {
             let batch = reader.read(next, 39, 1024 * 1024).await.expect("read");
             for e in &batch {
@@ -448,10 +577,43 @@ mod tests {
                 next += 1;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_sequential_read_is_one_streamed_get_kept_within_read_ahead() {
+        let (store, counting, info) = segment(ByteSize::mib(64)).await;
+        let reader = store.open_segment(&info).await.expect("open");
+        assert_eq!(counting.gets.swap(0, Ordering::SeqCst), 1, "open: one GET for index and footer");
+        counting.get_bytes.store(0, Ordering::SeqCst);
+
+        let first = reader.read(0, 39, 1024 * 1024).await.expect("read");
+        assert_eq!((first.len(), first[0].entry_id), (1, 0));
+        // The stream runs on while the reader is still in block 0, up to 8 MiB (8 blocks) ahead
+        // of it, and no further.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (0..8).any(|b| reader.cached(b).is_none()) {
+            assert!(std::time::Instant::now() < deadline, "blocks 0..8 not prefetched within 10s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(reader.cached(8).is_none(), "the stream went past the read-ahead window");
+
+        read_all(&reader).await;
         let (gets, bytes) = (counting.gets.load(Ordering::SeqCst), counting.get_bytes.load(Ordering::SeqCst));
-        // ~31 MiB in GETs of 8 MiB: 4, and no block fetched twice.
-        assert!(gets <= 5, "{gets} GETs for a sequential read of {} bytes", info.index_offset);
-        assert!(bytes <= info.index_offset + BLOCK_BYTES, "{bytes} bytes fetched for {}", info.index_offset);
+        assert_eq!(gets, 1, "a sequential read of the segment is one GET");
+        assert_eq!(bytes, info.index_offset, "the GET asks for the segment's data once");
+    }
+
+    #[tokio::test]
+    async fn reads_survive_a_stream_that_breaks_and_restart_it() {
+        let (store, counting, info) = segment(ByteSize::mib(64)).await;
+        // Bodies longer than 9 MiB fail after 9 MiB: every stream breaks, range GETs of the
+        // 8 MiB read-ahead do not.
+        counting.break_bodies_after.store(9 * 1024 * 1024, Ordering::SeqCst);
+        let reader = store.open_segment(&info).await.expect("open");
+        counting.gets.store(0, Ordering::SeqCst);
+        read_all(&reader).await;
+        assert!(counting.gets.load(Ordering::SeqCst) >= 2, "a broken stream is followed by other GETs");
+        assert!(counting.broken.load(Ordering::SeqCst) >= 1, "no stream broke: the test tests nothing");
     }
 
     #[tokio::test]
