@@ -7,7 +7,14 @@
 //! `offload.part_bytes` parts, `offload.upload_concurrency` parts in flight (what a segment
 //! writer does). GET: the same objects read back one after another, each in one streamed GET
 //! (one sequential reader, as one catching-up consumer), then again as sequential range GETs of
-//! `offload.read_ahead_bytes` (the request pattern of a segment reader catching up).
+//! `offload.read_ahead_bytes`.
+//!
+//! Then the same bytes through Magnetar's offload layer alone, without broker or network:
+//! segments of 64 KiB entries written with `SegmentWriter` (format, index, multipart parts) and
+//! read back in order with `SegmentReader` (streamed read-ahead, block cache, every entry's
+//! checksum verified), in reads of 4 MiB as a broker's dispatcher asks for them. Next to the raw
+//! figures, they show what the offload layer costs; what a consumer gets end to end is measured
+//! by `benches/run-offload-bench.sh`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,7 +22,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use clap::Args;
 use futures::TryStreamExt;
-use magnetar_bookie::offload::{OffloadConfig, OffloadStore};
+use magnetar_bookie::offload::{OffloadConfig, OffloadStore, SegmentInfo};
+use magnetar_common::entry::{Entry, encode_entry};
 use object_store::WriteMultipart;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -52,7 +60,16 @@ pub struct ObjectStoreSummary {
     pub get_mb_per_sec: f64,
     pub range_bytes: u64,
     pub range_get_mb_per_sec: f64,
+    /// Segments of 64 KiB entries written with the offload layer's `SegmentWriter`.
+    pub segment_write_mb_per_sec: f64,
+    /// The same segments read back in order with `SegmentReader` (entries verified).
+    pub segment_read_mb_per_sec: f64,
 }
+
+/// Entry payload size of the segment phase (the offload benchmark's message size).
+const ENTRY_BYTES: usize = 64 * 1024;
+/// Bytes per read of the segment phase (a broker's default `dispatch.read_batch_bytes`).
+const READ_BYTES: u64 = 4 * 1024 * 1024;
 
 pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
     let text =
@@ -125,6 +142,64 @@ pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
     for path in &paths {
         client.delete(path).await?;
     }
+
+    // The offload layer: entries prepared before the clock starts (a broker has them from the
+    // bookies), segments written one after another, then read back in order.
+    let per_segment = (object_bytes as usize / ENTRY_BYTES).max(1) as u64;
+    let segments: Vec<Vec<Entry>> = (0..objects)
+        .map(|ledger| {
+            (0..per_segment)
+                .map(|id| Entry::parse(encode_entry(ledger, id, id as i64 - 1, &data[..ENTRY_BYTES.min(data.len())])))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    let entry_bytes: u64 = segments.iter().flatten().map(|e| e.payload().len() as u64).sum();
+    let started = Instant::now();
+    let mut infos: Vec<SegmentInfo> = Vec::with_capacity(segments.len());
+    for (ledger, entries) in segments.iter().enumerate() {
+        let mut writer = store.segment_writer(ledger as u64);
+        for entry in entries {
+            writer.append(entry).await?;
+        }
+        infos.push(writer.finish().await?);
+    }
+    let segment_write_secs = started.elapsed().as_secs_f64();
+    let segment_write = entry_bytes as f64 / 1e6 / segment_write_secs;
+    println!(
+        "segments: write {segment_write:.1} MB/s of entry payload ({entry_bytes} bytes in {segment_write_secs:.2} s)"
+    );
+    drop(segments);
+
+    let gets_before = store.metrics().requests_of("get");
+    let started = Instant::now();
+    let mut read = 0u64;
+    for info in &infos {
+        let reader = store.open_segment(info).await?;
+        let mut next = info.first_entry;
+        while next <= info.last_entry {
+            for entry in reader.read(next, info.last_entry, READ_BYTES).await? {
+                anyhow::ensure!(
+                    entry.entry_id == next,
+                    "segment {} returned entry {} for {next}",
+                    info.key,
+                    entry.entry_id
+                );
+                read += entry.payload().len() as u64;
+                next += 1;
+            }
+        }
+    }
+    let segment_read_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(read == entry_bytes, "read {read} bytes of entries back, wrote {entry_bytes}");
+    let segment_read = entry_bytes as f64 / 1e6 / segment_read_secs;
+    let gets = store.metrics().requests_of("get") - gets_before;
+    println!(
+        "segments: read {segment_read:.1} MB/s of entry payload ({entry_bytes} bytes in {segment_read_secs:.2} s, {gets} GETs for {} segments)",
+        infos.len()
+    );
+    for info in &infos {
+        store.delete_segment(&info.key).await?;
+    }
     let summary = ObjectStoreSummary {
         url: config.url.clone(),
         objects,
@@ -135,6 +210,8 @@ pub async fn run(args: ObjectStorePerfArgs) -> anyhow::Result<()> {
         get_mb_per_sec: get,
         range_bytes: range,
         range_get_mb_per_sec: range_get,
+        segment_write_mb_per_sec: segment_write,
+        segment_read_mb_per_sec: segment_read,
     };
     crate::cli::write_json(&args.json, &summary)
 }

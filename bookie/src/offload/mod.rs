@@ -265,7 +265,10 @@ impl OffloadStore {
 
 fn block_cache(cache_bytes: u64) -> Option<moka::sync::Cache<reader::BlockKey, Bytes>> {
     (cache_bytes > 0).then(|| {
+        // LRU, not moka's default TinyLFU: read-ahead blocks are new by nature, and a frequency
+        // filter would turn them away once the cache is full, leaving readers to fetch again.
         moka::sync::Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .max_capacity(cache_bytes)
             .weigher(|_: &reader::BlockKey, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
             .build()
