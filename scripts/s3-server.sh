@@ -5,6 +5,9 @@
 # Usage:
 #   scripts/s3-server.sh install   install when missing; print the moto_server path (last line)
 #   scripts/s3-server.sh path      print the moto_server path, or fail if it is not installed
+#   scripts/s3-server.sh install-s3s-fs
+#                                  install s3s-fs (crates.io, files on disk) when missing; print its
+#                                  path (last line). Only the offload benchmark uses it.
 #
 # Cache: $MAGNETAR_S3_SERVER_CACHE, default ~/.cache/magnetar/s3-server (venv in venv/). The
 # tests (bookie/tests/offload_conformance.rs) look for $MAGNETAR_MOTO_SERVER first, then
@@ -13,6 +16,7 @@
 set -euo pipefail
 
 MOTO_VERSION=5.2.5
+S3S_FS_VERSION=0.14.1
 CACHE="${MAGNETAR_S3_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/magnetar/s3-server}"
 VENV="$CACHE/venv"
 MOTO_SERVER="$VENV/bin/moto_server"
@@ -48,8 +52,16 @@ case "${1:-install}" in
     fi
     echo "$MOTO_SERVER"
     ;;
+  install-s3s-fs)
+    S3S_FS="$CACHE/s3s-fs/bin/s3s-fs"
+    if ! [ -x "$S3S_FS" ] || [ "$("$S3S_FS" --version 2>/dev/null | awk '{print $2}')" != "$S3S_FS_VERSION" ]; then
+      echo "installing s3s-fs@$S3S_FS_VERSION (crates.io) into $CACHE/s3s-fs" >&2
+      cargo install -q "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root "$CACHE/s3s-fs" >&2
+    fi
+    echo "$S3S_FS"
+    ;;
   *)
-    echo "usage: $0 install|path" >&2
+    echo "usage: $0 install|path|install-s3s-fs" >&2
     exit 2
     ;;
 esac
