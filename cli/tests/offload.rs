@@ -350,3 +350,48 @@ async fn retention_and_topic_deletion_delete_offloaded_objects() {
     admin(&sa, &["topics", "delete", doomed, "--force"]);
     assert!(segments(&s3).is_empty(), "topic deletion deleted the objects: {:?}", segments(&s3));
 }
+
+/// `magnetar perf object-store` (the offload benchmark's baseline) measures a local directory:
+/// every phase reports a rate, and it leaves no object behind.
+#[test]
+fn perf_object_store_measures_a_store_and_cleans_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, format!("[offload]\nurl = \"file://{}\"\n", store.display())).expect("config");
+    let json = dir.path().join("raw.json");
+    let out = Command::new(magnetar())
+        .args(["perf", "object-store", "--mib", "16", "--object-mib", "8", "--config"])
+        .arg(&config)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run perf object-store");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parse");
+    assert_eq!(report["objects"], 2, "{report}");
+    for key in [
+        "put_mb_per_sec",
+        "get_mb_per_sec",
+        "range_get_mb_per_sec",
+        "segment_write_mb_per_sec",
+        "segment_read_mb_per_sec",
+    ] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+    }
+    let left: Vec<_> = walk(&store).into_iter().filter(|p| p.is_file()).collect();
+    assert!(left.is_empty(), "objects left behind: {left:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
