@@ -43,3 +43,19 @@ open(path, "w").write(s if s.endswith("\n") else s + "\n")
 PY
   echo "wrote $file"
 }
+
+# wait_standalone PID OUT LOG: waits (30 s at most) until the `magnetar standalone` with PID has
+# printed its addresses to OUT, then sets URL, CERT and HTTP from them; exits with LOG shown if
+# the process dies first.
+wait_standalone() {
+  local pid=$1 out=$2 log=$3
+  for _ in $(seq 1 300); do
+    grep -q '^Try:' "$out" && break
+    kill -0 "$pid" 2>/dev/null || { echo "standalone exited:" >&2; cat "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep -q '^Try:' "$out" || { echo "standalone not ready after 30 s" >&2; exit 1; }
+  URL=$(sed -n 's|^  clients (QUIC/UDP): ||p' "$out")
+  CERT=$(sed -n 's|^  TLS certificate: ||p' "$out")
+  HTTP=$(sed -n 's|^  HTTP (/health, /metrics): ||p' "$out")
+}

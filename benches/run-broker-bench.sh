@@ -40,14 +40,7 @@ echo "== $STANDALONE_CMD"
   > "$WORK/standalone.out" 2> "$WORK/standalone.log" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 300); do
-  grep -q '^Try:' "$WORK/standalone.out" && break
-  kill -0 $PID 2>/dev/null || { echo "standalone exited:" >&2; cat "$WORK/standalone.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q '^Try:' "$WORK/standalone.out" || { echo "standalone not ready after 30 s" >&2; exit 1; }
-URL=$(sed -n 's|^  clients (QUIC/UDP): ||p' "$WORK/standalone.out")
-CERT=$(sed -n 's|^  TLS certificate: ||p' "$WORK/standalone.out")
+wait_standalone $PID "$WORK/standalone.out" "$WORK/standalone.log"
 echo "   $URL, certificate $CERT"
 sleep 2 # idle, for the at-rest figure
 REST_KB=$(awk '/^VmRSS/{print $2}' /proc/$PID/status)

@@ -49,15 +49,7 @@ start_standalone() {
     --broker-config "$DIR/broker.toml" > "$DIR/standalone.out" 2>> "$DIR/standalone.log" &
   SA=$!
   PIDS+=($SA)
-  for _ in $(seq 1 300); do
-    grep -q '^Try:' "$DIR/standalone.out" && break
-    kill -0 $SA 2>/dev/null || { echo "standalone exited:" >&2; cat "$DIR/standalone.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  grep -q '^Try:' "$DIR/standalone.out" || { echo "standalone not ready after 30 s" >&2; exit 1; }
-  URL=$(sed -n 's|^  clients (QUIC/UDP): ||p' "$DIR/standalone.out")
-  CERT=$(sed -n 's|^  TLS certificate: ||p' "$DIR/standalone.out")
-  HTTP=$(sed -n 's|^  HTTP (/health, /metrics): ||p' "$DIR/standalone.out")
+  wait_standalone $SA "$DIR/standalone.out" "$DIR/standalone.log"
 }
 stop_standalone() {
   kill -INT $SA

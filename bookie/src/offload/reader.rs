@@ -62,6 +62,11 @@ impl Prefetch {
     fn serves(&self, block: u64, ahead: u64) -> bool {
         !self.task.is_finished() && self.blocks.contains(&block) && block < *self.delivered.borrow() + ahead
     }
+
+    /// A read reached `block`: the stream may deliver up to read-ahead past it.
+    fn advance(&self, block: u64) {
+        self.wanted.send_if_modified(|w| std::mem::replace(w, block.max(*w)) < block);
+    }
 }
 
 impl SegmentReader {
@@ -207,7 +212,7 @@ impl SegmentReader {
     fn note_position(&self, block: u64) {
         let slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = slot.as_ref().filter(|p| p.serves(block, self.read_ahead_blocks())) {
-            p.wanted.send_if_modified(|w| std::mem::replace(w, block.max(*w)) < block);
+            p.advance(block);
         }
     }
 
@@ -220,7 +225,7 @@ impl SegmentReader {
         let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = slot.as_ref() {
             if p.serves(block, ahead) {
-                p.wanted.send_if_modified(|w| std::mem::replace(w, reader_at.max(*w)) < reader_at);
+                p.advance(reader_at);
                 return Some(p.delivered.clone());
             }
             if !p.task.is_finished() {
@@ -296,14 +301,8 @@ impl BlockStream {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => return Err(get(e)),
                 None => {
-                    return Err(OffloadError::Unavailable {
-                        op: "get segment stream",
-                        key: self.key.to_string(),
-                        source: object_store::Error::Generic {
-                            store: "offload",
-                            source: format!("asked for bytes {range:?}, the body ended in block {block}").into(),
-                        },
-                    });
+                    let why = format!("asked for bytes {range:?}, the body ended in block {block}");
+                    return Err(short_body("get segment stream", &self.key, why));
                 }
             };
             while !chunk.is_empty() && block < self.blocks.end {
@@ -331,6 +330,15 @@ impl BlockStream {
     }
 }
 
+/// A GET that returned fewer bytes than asked for: retryable, like a dropped connection.
+fn short_body(op: &'static str, key: &str, why: String) -> OffloadError {
+    OffloadError::Unavailable {
+        op,
+        key: key.to_string(),
+        source: object_store::Error::Generic { store: "offload", source: why.into() },
+    }
+}
+
 async fn fetch_blocks(
     store: &OffloadStore,
     path: &Path,
@@ -346,14 +354,8 @@ async fn fetch_blocks(
         .await
         .map_err(|e| OffloadError::from_store("get segment range", key, e))?;
     if data.len() as u64 != range.end - range.start {
-        return Err(OffloadError::Unavailable {
-            op: "get segment range",
-            key: key.to_string(),
-            source: object_store::Error::Generic {
-                store: "offload",
-                source: format!("asked for bytes {range:?}, got {} bytes", data.len()).into(),
-            },
-        });
+        let why = format!("asked for bytes {range:?}, got {} bytes", data.len());
+        return Err(short_body("get segment range", key, why));
     }
     let mut out = Vec::with_capacity((blocks.end - blocks.start) as usize);
     for block in blocks {
