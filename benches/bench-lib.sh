@@ -59,3 +59,138 @@ wait_standalone() {
   CERT=$(sed -n 's|^  TLS certificate: ||p' "$out")
   HTTP=$(sed -n 's|^  HTTP (/health, /metrics): ||p' "$out")
 }
+
+# The summary table at the top of docs/benchmarks.md: one row per measured figure. A script adds
+# its rows with `summary_row`, then `publish_summary NAME FILE` stores them (with the date and the
+# machine) in docs/bench-data/NAME.tsv and rebuilds the table from every stored file, so a script
+# run alone replaces only its own rows.
+SUMMARY_ROWS=()
+summary_row() { # SCENARIO FIGURE BASELINE RATIO TARGET COMMAND
+  local IFS=$'\t'
+  SUMMARY_ROWS+=("$*")
+}
+publish_summary() { # NAME FILE
+  local name=$1 file=$2 data machine day
+  data=$(dirname "$file")/bench-data
+  mkdir -p "$data"
+  day=$(date -u +%Y-%m-%d)
+  machine="$(nproc) cores, $(awk '/^MemTotal/{printf "%.0f", $2/1024/1024}' /proc/meminfo) GiB"
+  : > "$data/$name.tsv"
+  local r
+  for r in "${SUMMARY_ROWS[@]}"; do printf '%s\t%s\t%s\n' "$r" "$day" "$machine" >> "$data/$name.tsv"; done
+  rebuild_summary "$file"
+}
+rebuild_summary() { # FILE
+  python3 - "$1" <<'PY'
+import os, re, sys
+path = sys.argv[1]
+data = os.path.join(os.path.dirname(path), "bench-data")
+order = ["bookie", "broker", "offload"]
+names = sorted((f[:-4] for f in os.listdir(data) if f.endswith(".tsv")),
+               key=lambda n: (order.index(n) if n in order else len(order), n))
+rows = []
+for n in names:
+    for line in open(os.path.join(data, n + ".tsv")):
+        cells = line.rstrip("\n").split("\t")
+        if len(cells) != 8:
+            sys.exit("%s.tsv: a row with %d cells, not 8: %r" % (n, len(cells), line))
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+suite = os.path.join(data, "suite.txt")
+if os.path.exists(suite):
+    day, secs = open(suite).read().split()
+    secs = int(secs)
+    verdict = "met" if secs < 15 * 60 else "**missed**"
+    last = "The last full run of `benches/run-suite.sh` (release build, all three scripts) took %d min %d s on %s (target: under 15 min: %s)." % (secs // 60, secs % 60, day, verdict)
+else:
+    last = "`benches/run-suite.sh` has not recorded a full run yet."
+text = """<!-- summary:start -->
+## Summary
+
+One row per figure. Every script in `benches/` measures its baselines on the same machine in the
+same run, writes its rows to `docs/bench-data/` and rebuilds this table; the sections below give
+the set-up, the full commands, and what limits each missed target. %s
+
+| scenario | Magnetar | baseline | ratio | target | command | date | machine |
+|---|---|---|---|---|---|---|---|
+%s
+<!-- summary:end -->""" % (last, "\n".join(rows))
+s = open(path).read()
+pat = re.compile(r"<!-- summary:start -->.*?<!-- summary:end -->", re.S)
+if pat.search(s):
+    s = pat.sub(lambda m: text, s, count=1)
+elif "<!-- " in s:
+    i = s.index("<!-- ")
+    s = s[:i] + text + "\n\n" + s[i:]
+else:
+    s = s.rstrip("\n") + "\n\n" + text + "\n"
+open(path, "w").write(s)
+PY
+}
+
+# prom_histogram BEFORE AFTER NAME: from two /metrics scrapes, the observations of histogram NAME
+# made between them: "count N, mean X ms, p50 <= A ms, p99 <= B ms" (bucket upper bounds).
+prom_histogram() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import re, sys
+def read(path, name):
+    buckets, count, total = {}, 0.0, 0.0
+    for line in open(path):
+        m = re.match(r'%s_bucket\{le="([^"]+)"\} (\S+)' % re.escape(name), line)
+        if m:
+            buckets[float(m.group(1))] = float(m.group(2))
+        elif line.startswith(name + "_count"):
+            count = float(line.split()[-1])
+        elif line.startswith(name + "_sum"):
+            total = float(line.split()[-1])
+    return buckets, count, total
+b0, c0, s0 = read(sys.argv[1], sys.argv[3])
+b1, c1, s1 = read(sys.argv[2], sys.argv[3])
+n = c1 - c0
+if n <= 0:
+    print("no observations")
+    sys.exit()
+def q(p):
+    for le in sorted(b1):
+        if b1[le] - b0.get(le, 0) >= p * n:
+            return "%.2f ms" % (le * 1000) if le != float("inf") else "beyond the last bucket"
+fmt = lambda v: "%.2f ms" % (v * 1000)
+print("%d, mean %s, p50 <= %s, p99 <= %s, p99.9 <= %s" % (n, fmt((s1 - s0) / n), q(0.5), q(0.99), q(0.999)))
+PY
+}
+
+# prom_counter FILE NAME: a counter's value in one /metrics scrape (0 when absent).
+prom_counter() {
+  awk -v n="$2" '$1 == n || $1 == n"_total" {print $2; found=1} END{if (!found) print 0}' "$1"
+}
+
+# profile_start PID OUT: records where process PID spends its CPU (`perf record -e cpu-clock`, in
+# the background) until `profile_stop OUT`, which writes the report to OUT.txt and its top ten
+# symbols, as one line, to OUT.line. Both do nothing when perf is missing.
+profile_start() { # PID OUT
+  PROFILE_PID=""
+  type -P perf >/dev/null || return 0
+  command perf record -e cpu-clock -F 999 -p "$1" -o "$2.data" >/dev/null 2>&1 &
+  PROFILE_PID=$!
+}
+profile_stop() { # OUT
+  [ -n "${PROFILE_PID:-}" ] || return 0
+  kill -INT "$PROFILE_PID" 2>/dev/null || true
+  wait "$PROFILE_PID" 2>/dev/null || true
+  PROFILE_PID=""
+  command perf report -i "$1.data" --no-children --sort symbol --stdio 2>/dev/null | tr -d '\000' \
+    | awk '!/^#/ && $1 ~ /%$/ {p = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/( +-)+ *$/, ""); print p " " $0}' > "$1.txt" || true
+  head -10 "$1.txt" | paste -sd, - | sed 's/,/, /g' > "$1.line"
+  rm -f "$1.data"
+}
+
+# cpu_secs PID: CPU seconds (user + system) a live process has used so far, from /proc.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+
+# timed_cpu OUT COMMAND...: runs COMMAND, writing the CPU seconds it used (user + system) to OUT.
+timed_cpu() {
+  local out=$1; shift
+  local TIMEFORMAT='%U %S' rc=0
+  { time "$@" 2>&1; } 2> "$out.time" || rc=$?
+  tail -1 "$out.time" | awk '{printf "%.1f", $1 + $2}' > "$out"
+  return $rc
+}

@@ -11,6 +11,7 @@ OUT=$ROOT/docs/benchmarks.md
 rm -rf "$WORK" && mkdir -p "$WORK"
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
+command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 
 cargo build --release --locked -p magnetar-cli
 BIN=$ROOT/target/release/magnetar
@@ -51,13 +52,35 @@ trap 'kill $BOOKIE 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$WORK/bookie.out" && break; sleep 0.1; done
 
 run() { echo "== $*"; "$BIN" perf bookie --bookie 127.0.0.1:3181 "$@"; }
-T64="perf bookie --size 65536 --in-flight 64 --time 20 --warmup 3 --json $WORK/add64k.json"
-run --size 65536 --in-flight 64 --time 20 --warmup 3 --first-ledger 1000 --json "$WORK/add64k.json"
+# Each measured run also records the journal's own fdatasync latencies and group sizes (from the
+# bookie's /metrics) and, with perf installed, where the bookie's CPU went.
+scrape() { curl -s http://127.0.0.1:8000/metrics > "$WORK/$1.prom"; }
+measured() { # NAME perf-bookie-arguments...
+  local name=$1; shift
+  scrape "$name-before"
+  profile_start $BOOKIE "$WORK/$name-profile"
+  local cpu0 w0 w1
+  cpu0=$(cpu_secs $BOOKIE); w0=$(date +%s.%N)
+  timed_cpu "$WORK/$name-perf.cpu" run "$@"
+  w1=$(date +%s.%N)
+  awk -v a="$cpu0" -v b="$(cpu_secs $BOOKIE)" -v w0="$w0" -v w1="$w1" -v c="$(nproc)" -v g="$(cat "$WORK/$name-perf.cpu")" \
+    'BEGIN{printf "CPU over the run (warm-up included): bookie %.1f s, load generator %.1f s, of %.1f CPU-seconds (%.1f s on %d cores)", b-a, g, (w1-w0)*c, w1-w0, c}' > "$WORK/$name-cpu.line"
+  profile_stop "$WORK/$name-profile"
+  scrape "$name-after"
+  local groups adds
+  groups=$(awk -v a="$(prom_counter "$WORK/$name-before.prom" magnetar_bookie_journal_groups)" \
+    -v b="$(prom_counter "$WORK/$name-after.prom" magnetar_bookie_journal_groups)" 'BEGIN{print b - a}')
+  adds=$(awk -v a="$(prom_counter "$WORK/$name-before.prom" magnetar_bookie_adds)" \
+    -v b="$(prom_counter "$WORK/$name-after.prom" magnetar_bookie_adds)" 'BEGIN{print b - a}')
+  printf '%s' "Journal fdatasyncs during the run: $(prom_histogram "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_journal_fsync_seconds); $(awk -v a="$adds" -v g="$groups" 'BEGIN{printf "%.1f", (g > 0 ? a / g : 0)}') adds per group commit" > "$WORK/$name-journal.line"
+}
+T64="perf bookie --size 65536 --in-flight 64 --time 20 --warmup 3"
+measured add64k --size 65536 --in-flight 64 --time 20 --warmup 3 --first-ledger 1000 --json "$WORK/add64k.json"
 run --size 1024 --in-flight 256 --time 10 --warmup 2 --first-ledger 2000 --json "$WORK/add1k-max.json"
 MAX1K=$(jq '.ops_per_sec' "$WORK/add1k-max.json")
 HALF=$(awk -v m="$MAX1K" 'BEGIN{printf "%d", m/2}')
 T1K="perf bookie --size 1024 --rate $HALF --in-flight 4096 --time 20 --warmup 2"
-run --size 1024 --rate "$HALF" --in-flight 4096 --time 20 --warmup 2 --first-ledger 3000 --json "$WORK/add1k-half.json"
+measured add1k-half --size 1024 --rate "$HALF" --in-flight 4096 --time 20 --warmup 2 --first-ledger 3000 --json "$WORK/add1k-half.json"
 HWM_KB=$(awk '/VmHWM/{print $2}' /proc/$BOOKIE/status)
 RSS_KB=$(awk '/VmRSS/{print $2}' /proc/$BOOKIE/status)
 kill -TERM $BOOKIE; wait $BOOKIE || true
@@ -76,6 +99,11 @@ VLAT=$(awk -v r="$LATRATIO" 'BEGIN{print (r<=2.0)}'); VLAT=$(verdict "$VLAT")
 CACHE_MB=256
 HWM_MB=$(awk -v k="$HWM_KB" 'BEGIN{printf "%.0f", k/1024}')
 # Target: caches (write cache + 32 MiB index cache) plus a small constant (64 MiB).
+profile_line() { # NAME: the profile's top symbols as a sentence, when there is one
+  if [ -s "$WORK/$1-profile.line" ]; then
+    printf '\n  Where the bookie'"'"'s CPU went (`perf record -e cpu-clock`, top symbols): %s.' "$(cat "$WORK/$1-profile.line")"
+  fi
+}
 VMEM=$(verdict "$(awk -v h="$HWM_MB" -v c="$CACHE_MB" 'BEGIN{print (h <= c + 32 + 64)}')")
 
 SECTION=$(cat <<MD
@@ -86,11 +114,14 @@ Produced by \`benches/run-bookie-bench.sh\` on $DATE; machine: $CORES cores, $ME
 journal, entry logs and baselines on the same disk ($(df -h "$WORK" | awk 'NR==2{print $1}')). Release build, fsync on,
 one bookie, \`magnetar perf bookie\` on the same machine over loopback TCP.
 
-| scenario | Magnetar | baseline | ratio | target | command |
-|---|---|---|---|---|---|
-| add throughput, 64 KiB entries | $MB64 MB/s | dd conv=fdatasync $DD_MBS MB/s (median of$DD_ALL) | $RATIO64 % | >= 70 %: $V64 | \`magnetar $T64\` |
-| add latency at half max rate ($HALF adds/s of 1 KiB; max $(printf '%.0f' "$MAX1K")/s) | p50 $P50 us, p99 $P99 us, p99.9 $P999 us | fdatasync over written blocks p50 $FSYNC_P50 us, p99 $FSYNC_P99 us, p99.9 $FSYNC_P999 us; into a new file p50 $NEW_P50 us, p99 $NEW_P99 us (fio) | p99 $LATRATIO x | p99 <= 2x: $VLAT | \`magnetar $T1K\` |
-| bookie memory after the runs | peak RSS $HWM_MB MiB (now $((RSS_KB/1024)) MiB) | write cache $CACHE_MB MiB + index cache 32 MiB | | <= caches + 64 MiB: $VMEM | |
+- Add throughput, 64 KiB entries: $MB64 MB/s, $RATIO64 % of dd conv=fdatasync ($DD_MBS MB/s, median of$DD_ALL).
+  $(cat "$WORK/add64k-journal.line"). $(cat "$WORK/add64k-cpu.line").$(profile_line add64k)
+- Add latency at half the maximum rate ($HALF adds/s of 1 KiB; the maximum was $(printf '%.0f' "$MAX1K")/s):
+  p50 $P50 us, p99 $P99 us, p99.9 $P999 us. fio's fdatasync over written blocks: p50 $FSYNC_P50 us,
+  p99 $FSYNC_P99 us, p99.9 $FSYNC_P999 us; into a new file p50 $NEW_P50 us, p99 $NEW_P99 us.
+  $(cat "$WORK/add1k-half-journal.line"). $(cat "$WORK/add1k-half-cpu.line").$(profile_line add1k-half)
+- Memory: peak RSS $HWM_MB MiB (now $((RSS_KB/1024)) MiB) with a write cache of $CACHE_MB MiB and an
+  index cache of 32 MiB.
 
 Notes:
 - Every acknowledged add is written twice on this single disk: to the journal (fdatasync'd before the
@@ -106,3 +137,7 @@ Notes:
 MD
 )
 write_section "$OUT" bookie-bench "$SECTION"
+summary_row "bookie: add throughput, 64 KiB entries, fsync on" "$MB64 MB/s" "dd conv=fdatasync $DD_MBS MB/s" "$RATIO64 %" ">= 70 %: $V64" "magnetar $T64"
+summary_row "bookie: add latency, 1 KiB at half the max rate ($HALF/s)" "p50 $P50 us, p99 $P99 us, p99.9 $P999 us" "fdatasync p99 $FSYNC_P99 us (fio)" "p99 $LATRATIO x" "p99 <= 2x: $VLAT" "magnetar $T1K"
+summary_row "bookie: memory after the runs" "peak RSS $HWM_MB MiB" "write cache $CACHE_MB MiB + index cache 32 MiB" "" "<= caches + 64 MiB: $VMEM" ""
+publish_summary bookie "$OUT"

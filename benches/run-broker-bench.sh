@@ -11,6 +11,7 @@ WORK=${1:-$ROOT/target/broker-bench}
 OUT=$ROOT/docs/benchmarks.md
 rm -rf "$WORK" && mkdir -p "$WORK"
 command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
+command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 
 cargo build --release --locked -p magnetar-cli
 BIN=$ROOT/target/release/magnetar
@@ -45,13 +46,37 @@ echo "   $URL, certificate $CERT"
 sleep 2 # idle, for the at-rest figure
 REST_KB=$(awk '/^VmRSS/{print $2}' /proc/$PID/status)
 
+# The bookie inside the standalone logs its HTTP address; its /metrics has the journal's figures.
+BOOKIE_HTTP=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/standalone.log" | sed -n 's/.*bookie started.*http_address=\([0-9.:]*\).*/\1/p' | head -1)
 CMDS=()
+declare -A CMD_OF
 perf() { # $1 = name of the JSON summary; the rest: perf arguments
-  local json=$WORK/$1.json; shift
+  local name=$1 json=$WORK/$1.json; shift
   local line="magnetar perf $* --url $URL --tls-trust-cert $CERT --json $json"
   CMDS+=("$line")
+  CMD_OF[$name]=$line
   echo "== $line"
-  "$BIN" perf "$@" --url "$URL" --tls-trust-cert "$CERT" --json "$json"
+  [ -z "$BOOKIE_HTTP" ] || curl -s "http://$BOOKIE_HTTP/metrics" > "$WORK/$name-before.prom"
+  profile_start $PID "$WORK/$name-profile"
+  local rc=0 cpu0 w0 w1
+  cpu0=$(cpu_secs $PID); w0=$(date +%s.%N)
+  timed_cpu "$WORK/$name-perf.cpu" "$BIN" perf "$@" --url "$URL" --tls-trust-cert "$CERT" --json "$json" || rc=$?
+  w1=$(date +%s.%N)
+  awk -v a="$cpu0" -v b="$(cpu_secs $PID)" -v w0="$w0" -v w1="$w1" -v c="$(nproc)" -v g="$(cat "$WORK/$name-perf.cpu")" \
+    'BEGIN{printf "standalone %.1f s, load generator %.1f s, of %.1f CPU-seconds (%.1f s on %d cores)", b-a, g, (w1-w0)*c, w1-w0, c}' > "$WORK/$name-cpu.line"
+  profile_stop "$WORK/$name-profile"
+  if [ -n "$BOOKIE_HTTP" ]; then
+    curl -s "http://$BOOKIE_HTTP/metrics" > "$WORK/$name-after.prom"
+    prom_histogram "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_journal_fsync_seconds > "$WORK/$name-fsync.line"
+  fi
+  return $rc
+}
+# Details for one run: the journal's fdatasyncs and the top of the CPU profile, when recorded.
+details() { # NAME
+  [ -s "$WORK/$1-cpu.line" ] && printf '\n  CPU over the run (warm-up included): %s.' "$(cat "$WORK/$1-cpu.line")"
+  [ -s "$WORK/$1-fsync.line" ] && printf '\n  Journal fdatasyncs during the run: %s.' "$(cat "$WORK/$1-fsync.line")"
+  [ -s "$WORK/$1-profile.line" ] && printf '\n  Where the standalone'"'"'s CPU went (`perf record -e cpu-clock`, top symbols): %s.' "$(cat "$WORK/$1-profile.line")"
+  return 0
 }
 # Latency first, on a quiet bookie: the throughput runs leave gigabytes for the disk to write back.
 # perf e2e fails when acknowledged messages were not consumed; its summary is written first and the
@@ -138,18 +163,21 @@ journal, entry logs and the dd baseline on the same disk ($DISK). Release build,
 fresh \`magnetar standalone\` (ensemble, write and ack quorum 1: a publish is acknowledged once the
 one bookie has fdatasync'd it), \`magnetar perf\` on the same machine over QUIC on loopback, TLS on.
 
-| scenario | Magnetar | target (issue 4) | baseline | ratio / verdict |
-|---|---|---|---|---|
-| produce throughput, 1 KiB messages, as fast as acknowledged | $MB1K MB/s ($OPS1K msg/s) | >= 150 MB/s | dd conv=fdatasync $DD_MBS MB/s (median of$DD_ALL); raw QUIC stream $QUIC_MBS MB/s (raw TCP $TCP_MBS MB/s) | $(pct "$MB1K" "$DD_MBS") of dd, $(pct "$MB1K" "$QUIC_MBS") of QUIC; $V1K |
-| produce throughput, 100 B messages, as fast as acknowledged | $OPS100 msg/s ($MB100 MB/s) | >= 500,000 msg/s | | $V100 |
-| 50,000 msg/s of 1 KiB: publish latency (achieved $RATE50 msg/s) | $(lat e2e-50k produced) | p99 <= 10 ms | | $VPUB50 |
-| 50,000 msg/s of 1 KiB: end-to-end latency | $(lat e2e-50k consumed) | p99 <= 15 ms | | $VE2E50; $CHECK50 |
-| 10,000 msg/s of 1 KiB: publish latency (achieved $RATE10 msg/s) | $(lat e2e-10k produced) | | | |
-| 10,000 msg/s of 1 KiB: end-to-end latency | $(lat e2e-10k consumed) | | | $CHECK10 |
-| catch-up consume of a 1 GiB backlog (1 KiB messages, from bookies) | $CATCHUP_MB MB/s ($CATCHUP_OPS msg/s) | | dd conv=fdatasync $DD_MBS MB/s | $(pct "$CATCHUP_MB" "$DD_MBS") of dd; $CATCHUP_CHECK |
-| 100 topics, one producer and one consumer each, 10,000 msg/s of 1 KiB in all: end-to-end latency (achieved $MANY_RATE msg/s) | $(lat many-topics consumed) | | | $CHECKMANY |
-| memory at rest (2 s idle after start) | RSS $REST_MB MiB | < 64 MiB | | $VREST |
-| memory under load (after the runs) | peak RSS $HWM_MB MiB (now $RSS_MB MiB) | <= bounds + 64 MiB = $((BOUNDS_MB + 64)) MiB | bounds: bookie write cache $WRITE_CACHE_MB MiB + broker entry cache $ENTRY_CACHE_MB MiB + publish memory $PUBLISH_MEM_MB MiB | $VHWM |
+- Produce, 1 KiB messages, as fast as acknowledged: $MB1K MB/s ($OPS1K msg/s); $(pct "$MB1K" "$DD_MBS") of dd
+  conv=fdatasync ($DD_MBS MB/s, median of$DD_ALL), $(pct "$MB1K" "$QUIC_MBS") of a raw QUIC stream ($QUIC_MBS MB/s; raw TCP
+  $TCP_MBS MB/s).$(details produce-1k)
+- Produce, 100 B messages: $OPS100 msg/s ($MB100 MB/s).$(details produce-100)
+- 50,000 msg/s of 1 KiB (achieved $RATE50 msg/s): publish $(lat e2e-50k produced); end to end
+  $(lat e2e-50k consumed); $CHECK50.$(details e2e-50k)
+- 10,000 msg/s of 1 KiB (achieved $RATE10 msg/s): publish $(lat e2e-10k produced); end to end
+  $(lat e2e-10k consumed); $CHECK10.$(details e2e-10k)
+- Catch-up consume of a 1 GiB backlog of 1 KiB messages from the bookie: $CATCHUP_MB MB/s ($CATCHUP_OPS msg/s);
+  $CATCHUP_CHECK.
+- 100 topics, one producer and one consumer each, 10,000 msg/s of 1 KiB in all (achieved $MANY_RATE msg/s):
+  end to end $(lat many-topics consumed); $CHECKMANY.
+- Memory: RSS $REST_MB MiB at rest (2 s idle after start); peak RSS $HWM_MB MiB under load (now $RSS_MB MiB),
+  against bounds of $BOUNDS_MB MiB (bookie write cache $WRITE_CACHE_MB MiB + broker entry cache $ENTRY_CACHE_MB MiB +
+  publish memory $PUBLISH_MEM_MB MiB).
 
 Commands (in this order; the standalone picks free ports):
 
@@ -172,3 +200,15 @@ Notes:
 MD
 )
 write_section "$OUT" broker-bench "$SECTION" bookie-bench
+QUIC_BASE="dd conv=fdatasync $DD_MBS MB/s; raw QUIC stream $QUIC_MBS MB/s"
+summary_row "broker: produce, 1 KiB messages" "$MB1K MB/s ($OPS1K msg/s)" "$QUIC_BASE" "$(pct "$MB1K" "$DD_MBS") of dd, $(pct "$MB1K" "$QUIC_MBS") of QUIC" ">= 150 MB/s: $V1K" "${CMD_OF[produce-1k]}"
+summary_row "broker: produce, 100 B messages" "$OPS100 msg/s ($MB100 MB/s)" "" "" ">= 500,000 msg/s: $V100" "${CMD_OF[produce-100]}"
+summary_row "broker: publish latency at 50,000 msg/s of 1 KiB" "$(lat e2e-50k produced)" "" "" "p99 <= 10 ms: $VPUB50" "${CMD_OF[e2e-50k]}"
+summary_row "broker: end-to-end latency at 50,000 msg/s of 1 KiB" "$(lat e2e-50k consumed)" "" "" "p99 <= 15 ms: $VE2E50; $CHECK50" "${CMD_OF[e2e-50k]}"
+summary_row "broker: publish latency at 10,000 msg/s of 1 KiB" "$(lat e2e-10k produced)" "" "" "" "${CMD_OF[e2e-10k]}"
+summary_row "broker: end-to-end latency at 10,000 msg/s of 1 KiB" "$(lat e2e-10k consumed)" "" "" "$CHECK10" "${CMD_OF[e2e-10k]}"
+summary_row "broker: catch-up consume of a 1 GiB backlog (1 KiB, from the bookie)" "$CATCHUP_MB MB/s ($CATCHUP_OPS msg/s)" "dd conv=fdatasync $DD_MBS MB/s" "$(pct "$CATCHUP_MB" "$DD_MBS") of dd" "$CATCHUP_CHECK" "${CMD_OF[catchup]}"
+summary_row "broker: 100 topics, 1 producer and 1 consumer each, 10,000 msg/s of 1 KiB, end to end" "$(lat many-topics consumed)" "" "" "$CHECKMANY" "${CMD_OF[many-topics]}"
+summary_row "broker: memory at rest" "RSS $REST_MB MiB" "" "" "< 64 MiB: $VREST" "$STANDALONE_CMD"
+summary_row "broker: memory under load" "peak RSS $HWM_MB MiB" "bounds $BOUNDS_MB MiB" "" "<= bounds + 64 MiB: $VHWM" ""
+publish_summary broker "$OUT"

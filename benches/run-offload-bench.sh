@@ -7,8 +7,8 @@
 # object storage. Rewrites the offload section of docs/benchmarks.md (between the offload-bench
 # markers).
 #   usage: benches/run-offload-bench.sh [work-dir]   (default: target/offload-bench)
-#   PERF_PROFILE=1: also record where the broker's CPU goes during each catch-up read (perf from
-#   Debian's linux-perf) and list the top symbols on the page.
+#   With perf installed (Debian's linux-perf), also records where the broker's CPU goes during
+#   each catch-up read and lists the top symbols on the page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -40,8 +40,6 @@ DATE=$(date -u +%Y-%m-%d)
 
 pct() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.0f %%", 100*a/b}'; }
 verdict() { if [ "$(awk "BEGIN{print ($1)}")" = 1 ]; then echo "met"; else echo "**missed**"; fi; }
-# CPU seconds (user + system) of a live process, from /proc.
-cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_standalone() {
@@ -59,8 +57,8 @@ stop_standalone() {
 }
 CMDS=()
 run() { CMDS+=("$*"); echo "== $*"; "$@"; }
+last_cmd() { local c=${CMDS[-1]}; echo "${c/#$BIN/magnetar}"; }
 
-ROWS=""
 DETAILS=""
 # bench_server moto|s3s-fs: starts the server, measures it and Magnetar against it, adds rows to
 # ROWS and a paragraph to DETAILS, stops the server.
@@ -107,6 +105,8 @@ check_interval = "1s"
 EOF
 
   run "$BIN" perf object-store --config "$DIR/broker.toml" --mib "$TOTAL_MIB" --object-mib "$LEDGER_MIB" --json "$DIR/raw.json"
+  local raw_cmd offload_cmd catchup_cmd
+  raw_cmd=$(last_cmd)
   local raw_put raw_get seg_w seg_r
   raw_put=$(jq '.put_mb_per_sec * 10 | floor / 10' "$DIR/raw.json")
   raw_get=$(jq '.get_mb_per_sec * 10 | floor / 10' "$DIR/raw.json")
@@ -125,6 +125,7 @@ EOF
   from_bookies=$(jq '.consumed.mb_per_sec * 10 | floor / 10' "$DIR/from-bookies.json")
   t0=$(date +%s.%N)
   run "$BIN" admin --url "$HTTP" topics offload "$TOPIC" --wait --timeout 20min
+  offload_cmd=$(last_cmd)
   t1=$(date +%s.%N)
   "$BIN" admin --url "$HTTP" --json topics offload-status "$TOPIC" > "$DIR/offload.json"
   up_bytes=$(jq '.offloaded_bytes' "$DIR/offload.json")
@@ -134,13 +135,10 @@ EOF
   # Restart again, so that nothing the consumer reads comes from the entry cache.
   stop_standalone
   start_standalone
-  local sa_cpu0 server_cpu0 perf_pid="" w0 w1
+  local sa_cpu0 server_cpu0 w0 w1
   sa_cpu0=$(cpu_secs $SA)
   server_cpu0=$(cpu_secs $server)
-  if [ "${PERF_PROFILE:-0}" = 1 ]; then
-    perf record -F 499 -e cpu-clock -g -p $SA -o "$DIR/catchup.perf.data" > "$DIR/perf.log" 2>&1 &
-    perf_pid=$!
-  fi
+  profile_start $SA "$DIR/catchup-profile"
   w0=$(date +%s.%N)
   TIMEFORMAT='%U %S'
   if ! { time run "$BIN" perf consume "$TOPIC" -s catchup --position earliest -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$DIR/catchup.json"; } 2> "$DIR/consume.time"; then
@@ -148,18 +146,13 @@ EOF
     exit 1
   fi
   w1=$(date +%s.%N)
+  catchup_cmd=$(last_cmd)
   local sa_cpu server_cpu consumer_cpu wall catchup check gets
   sa_cpu=$(awk -v a="$sa_cpu0" -v b="$(cpu_secs $SA)" 'BEGIN{printf "%.1f", b-a}')
   server_cpu=$(awk -v a="$server_cpu0" -v b="$(cpu_secs $server)" 'BEGIN{printf "%.1f", b-a}')
   consumer_cpu=$(tail -1 "$DIR/consume.time" | awk '{printf "%.1f", $1 + $2}')
   wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.1f", b-a}')
-  if [ -n "$perf_pid" ]; then
-    kill -INT $perf_pid
-    wait $perf_pid || true
-    perf report -i "$DIR/catchup.perf.data" --no-children --sort dso,symbol --stdio -g none > "$DIR/catchup-report.txt" 2>/dev/null
-    tr -d '\000' < "$DIR/catchup-report.txt" | awk '/%/ && !/^#/ && n++ < 40' > "$DIR/catchup-profile.txt"
-    echo "profile of the broker during the catch-up: $DIR/catchup-profile.txt"
-  fi
+  profile_stop "$DIR/catchup-profile"
   catchup=$(jq '.consumed.mb_per_sec * 10 | floor / 10' "$DIR/catchup.json")
   check=$(jq -r '.check | "\(.messages) consumed, \(.gaps) gaps, \(.duplicates) duplicates"' "$DIR/catchup.json")
   gets=$(curl -s "$HTTP/metrics" | awk -F' ' '/^magnetar_broker_offload_store_requests_total\{op="get"\}/{print $2}')
@@ -170,20 +163,19 @@ EOF
 
   local objects_mib
   objects_mib=$(awk -v b="$up_bytes" 'BEGIN{printf "%.0f", b/1048576}')
-  ROWS+="| $label | offload upload: $up_ledgers ledgers, $objects_mib MiB of objects | $upload MB/s | PUT $raw_put MB/s | $(pct "$upload" "$raw_put") | >= 80 %: $(verdict "$upload >= 0.8 * $raw_put") |
-| $label | catch-up read of 1 GiB from object storage, one consumer, end to end | $catchup MB/s | GET $raw_get MB/s | $(pct "$catchup" "$raw_get") | >= 80 %: $(verdict "$catchup >= 0.8 * $raw_get") |
-| $label | offload layer alone: segments written (\`SegmentWriter\`) | $seg_w MB/s | PUT $raw_put MB/s | $(pct "$seg_w" "$raw_put") | |
-| $label | offload layer alone: segments read in order, entries verified (\`SegmentReader\`) | $seg_r MB/s | GET $raw_get MB/s | $(pct "$seg_r" "$raw_get") | |
-"
+  summary_row "offload ($label): upload of $up_ledgers ledgers, $objects_mib MiB of objects" "$upload MB/s" "PUT $raw_put MB/s" "$(pct "$upload" "$raw_put")" ">= 80 %: $(verdict "$upload >= 0.8 * $raw_put")" "$offload_cmd"
+  summary_row "offload ($label): catch-up read of 1 GiB, one consumer, end to end" "$catchup MB/s" "GET $raw_get MB/s" "$(pct "$catchup" "$raw_get")" ">= 80 %: $(verdict "$catchup >= 0.8 * $raw_get")" "$catchup_cmd"
+  summary_row "offload ($label): offload layer alone, segments written" "$seg_w MB/s" "PUT $raw_put MB/s" "$(pct "$seg_w" "$raw_put")" "" "$raw_cmd"
+  summary_row "offload ($label): offload layer alone, segments read in order and verified" "$seg_r MB/s" "GET $raw_get MB/s" "$(pct "$seg_r" "$raw_get")" "" "$raw_cmd"
   DETAILS+="- **$label**: consumer check $check; bytes left on bookies after the offload: $bookie_left;
   GET requests the broker made while reading (index and data): ${gets:-unknown}. The same consumer
   reading the same 1 GiB from the bookies (before the offload, after a restart): $from_bookies MB/s.
   CPU used during the catch-up read ($wall s of wall time, $(awk -v w="$wall" -v c="$CORES" 'BEGIN{printf "%.1f", w*c}') CPU-seconds on $CORES cores):
   broker (standalone) $sa_cpu s, $name $server_cpu s, consumer $consumer_cpu s.
 "
-  if [ -s "$DIR/catchup-profile.txt" ]; then
+  if [ -s "$DIR/catchup-profile.line" ]; then
     DETAILS+="  Where the broker's CPU went during the catch-up (\`perf record -e cpu-clock\`, top symbols):
-  $(awk 'NR <= 10 {printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $4}' "$DIR/catchup-profile.txt").
+  $(cat "$DIR/catchup-profile.line").
 "
   fi
 }
@@ -212,9 +204,8 @@ restarted (closing the last ledger), offloaded on request (\`magnetar admin topi
 --wait\`, timed from the request to the last ledger recorded), restarted (an empty entry cache),
 then one consumer reading everything from the earliest message over QUIC.
 
-| server | scenario | Magnetar | baseline (raw, same server, same run) | ratio | target (issue 6) |
-|---|---|---|---|---|---|
-$ROWS
+The figures, the baselines and the verdicts are in the summary table at the top of this page.
+
 $DETAILS
 Commands:
 
@@ -241,4 +232,5 @@ Notes:
 MD
 )
 write_section "$OUT" offload-bench "$SECTION" broker-bench
+publish_summary offload "$OUT"
 echo "wrote $OUT"
