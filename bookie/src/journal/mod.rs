@@ -1,16 +1,19 @@
 //! The journal: the bookie's write-ahead log. An add is acknowledged only once its record is
 //! on disk (fdatasync'd, unless `journal.fsync = false`).
 //!
-//! One thread owns the journal file. It takes every record waiting in its queue, writes them with
-//! one `write`, and issues one `fdatasync` for the whole group (group commit). A group takes every
-//! record already queued, up to `group_commit_max_bytes`; then, with `flush_when_idle`, it is
-//! committed at once, otherwise it waits for more records until its oldest record is
-//! `group_commit_max_wait` old. Completions are handed to a second thread, so the
-//! journal thread goes straight back to the disk while callers are answered.
+//! Two threads form a pipeline. The `journal` thread owns the file: it takes every record waiting
+//! in its queue, up to `group_commit_max_bytes`, and writes them with one `write` (a group); with
+//! `flush_when_idle` a group is written as soon as the queue is empty, otherwise it waits for more
+//! records until its oldest record is `group_commit_max_wait` old. It then hands the group to the
+//! `journal-sync` thread and goes straight back to the queue. The sync thread takes every group
+//! written so far, issues one `fdatasync` for all of them (group commit), and then runs their
+//! completions in journal order. Writing the next groups into the page cache thus overlaps the
+//! current `fdatasync`, and one `fdatasync` covers however many groups were written meanwhile.
 //!
-//! Files are preallocated in chunks and rotated at `max_file_bytes`. After a write or fsync error
-//! the file is no longer trusted: the failed group is reported as failed and the next group goes
-//! to a new file. This module never deletes a file newer than the checkpoint it is given.
+//! Files are preallocated in chunks and rotated at `max_file_bytes`; the old file is synced before
+//! the first record goes to the new one. After a write or fsync error the file is no longer
+//! trusted: the groups written to it that were not yet durable fail, and the next group goes to a
+//! new file. This module never deletes a file newer than the checkpoint it is given.
 
 pub mod format;
 
@@ -19,7 +22,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -46,7 +49,7 @@ pub enum JournalError {
     Closed,
 }
 
-/// Called once per record, on the completion thread, in journal order.
+/// Called once per record, on the journal's sync thread, in journal order.
 pub type Completion = Box<dyn FnOnce(Result<JournalPos, JournalError>) + Send>;
 
 enum Op {
@@ -54,6 +57,18 @@ enum Op {
 }
 
 type Batch = Vec<(Completion, Result<JournalPos, JournalError>)>;
+
+/// A group written to a journal file, waiting for the `fdatasync` that makes it durable.
+struct Written {
+    file: Arc<File>,
+    file_id: u64,
+    /// Whether the write succeeded (else every outcome is already an error).
+    needs_sync: bool,
+    outcomes: Batch,
+    /// The writer's own `fdatasync` of this file failed (when rotating away from it): nothing
+    /// written to it and not yet synced may be acknowledged.
+    poisoned: Option<JournalError>,
+}
 
 /// Handle to the journal threads. Dropping it (or [`Journal::shutdown`]) drains the queue first.
 #[derive(Debug)]
@@ -76,8 +91,9 @@ impl Journal {
         std::fs::create_dir_all(dir)?;
         let file = JournalFile::create(dir, file_id, config.preallocate_bytes.as_u64())?;
         let (tx, rx) = crossbeam_channel::unbounded::<Op>();
-        let (ctx, crx) = crossbeam_channel::unbounded::<Batch>();
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Written>();
         let current_file = Arc::new(AtomicU64::new(file_id));
+        let sync_failed = Arc::new(AtomicBool::new(false));
         let mut w = Writer {
             dir: dir.to_path_buf(),
             config: config.clone(),
@@ -87,15 +103,12 @@ impl Journal {
             current_file: current_file.clone(),
             next_file_id: file_id + 1,
             buf: BytesMut::new(),
+            sync_failed: sync_failed.clone(),
+            poisoned: None,
         };
-        let writer = std::thread::Builder::new().name("journal".into()).spawn(move || w.run(rx, ctx))?;
-        let completer = std::thread::Builder::new().name("journal-complete".into()).spawn(move || {
-            for batch in crx {
-                for (done, result) in batch {
-                    done(result);
-                }
-            }
-        })?;
+        let syncer = Syncer { fsync: config.fsync, metrics: w.metrics.clone(), sync_failed, bad_file: None };
+        let completer = std::thread::Builder::new().name("journal-sync".into()).spawn(move || syncer.run(sync_rx))?;
+        let writer = std::thread::Builder::new().name("journal".into()).spawn(move || w.run(rx, sync_tx))?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, completer]),
@@ -168,7 +181,7 @@ impl Drop for Journal {
 }
 
 struct JournalFile {
-    file: File,
+    file: Arc<File>,
     id: u64,
     offset: u64,
     allocated: u64,
@@ -186,11 +199,11 @@ impl JournalFile {
             file.write_all(&format::header(id))?;
             file.sync_data()?;
             File::open(dir)?.sync_all()?;
-            return Ok(Self { file, id, offset: format::HEADER_BYTES, allocated });
+            return Ok(Self { file: Arc::new(file), id, offset: format::HEADER_BYTES, allocated });
         }
         let mut file = OpenOptions::new().create_new(true).write(true).open(&path)?;
         file.write_all(&format::header(id))?;
-        let mut jf = Self { file, id, offset: format::HEADER_BYTES, allocated: format::HEADER_BYTES };
+        let mut jf = Self { file: Arc::new(file), id, offset: format::HEADER_BYTES, allocated: format::HEADER_BYTES };
         jf.ensure_allocated(prealloc, prealloc)?;
         jf.file.sync_all()?;
         File::open(dir)?.sync_all()?;
@@ -203,7 +216,7 @@ impl JournalFile {
             return Ok(());
         }
         let grow = (self.offset + need - self.allocated).max(chunk);
-        rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), self.allocated, grow)?;
+        rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::empty(), self.allocated, grow)?;
         self.allocated += grow;
         Ok(())
     }
@@ -219,10 +232,15 @@ struct Writer {
     current_file: Arc<AtomicU64>,
     next_file_id: u64,
     buf: BytesMut,
+    /// Set by the sync thread when an `fdatasync` failed: the file must be abandoned.
+    sync_failed: Arc<AtomicBool>,
+    /// This thread's `fdatasync` of the current file failed; told to the sync thread with the
+    /// group that fails because of it.
+    poisoned: Option<JournalError>,
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Op>, completions: Sender<Batch>) {
+    fn run(&mut self, rx: Receiver<Op>, written: Sender<Written>) {
         let max_bytes = self.config.group_commit_max_bytes.as_u64() as usize;
         let max_wait = self.config.group_commit_max_wait;
         while let Ok(first) = rx.recv() {
@@ -252,15 +270,14 @@ impl Writer {
                 }
             }
             self.metrics.journal_queue_depth.set(rx.len() as i64);
-            let batch = match ready {
+            let group = match ready {
                 Ok(()) => self.commit(pending),
-                Err(e) => self.fail_group(pending, &e),
+                Err(e) => self.failed_group(pending, &e),
             };
-            if completions.send(batch).is_err() {
+            if written.send(group).is_err() {
                 return;
             }
         }
-        let _ = self.file.file.sync_data();
     }
 
     fn push(&mut self, op: Op, pending: &mut Vec<(Completion, u64)>) {
@@ -269,8 +286,8 @@ impl Writer {
         pending.push((done, self.buf.len() as u64));
     }
 
-    /// Writes the buffered group and syncs it; returns each record's outcome.
-    fn commit(&mut self, pending: Vec<(Completion, u64)>) -> Batch {
+    /// Writes the buffered group; returns it with each record's position, for the sync thread.
+    fn commit(&mut self, pending: Vec<(Completion, u64)>) -> Written {
         let len = self.buf.len() as u64;
         let result = self.write_group(len);
         let base = self.file.offset - if result.is_ok() { len } else { 0 };
@@ -279,22 +296,31 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.metrics.journal_bytes.inc_by(len);
-                pending.into_iter().map(|(done, end)| (done, Ok(JournalPos { file_id, offset: base + end }))).collect()
+                let outcomes = pending
+                    .into_iter()
+                    .map(|(done, end)| (done, Ok(JournalPos { file_id, offset: base + end })))
+                    .collect();
+                Written { file: self.file.file.clone(), file_id, needs_sync: true, outcomes, poisoned: None }
             }
-            Err(e) => self.fail_group(pending, &e),
+            Err(e) => self.failed_group(pending, &e),
         }
     }
 
-    fn fail_group(&mut self, pending: Vec<(Completion, u64)>, e: &io::Error) -> Batch {
+    fn failed_group(&mut self, pending: Vec<(Completion, u64)>, e: &io::Error) -> Written {
         error!(error = %e, file_id = self.file.id, "write journal group; the file is abandoned and the group failed");
         self.buf.clear();
         self.failed = true;
-        let err = JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull };
-        pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect()
+        let err = io_error(e);
+        let outcomes = pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect();
+        let poisoned = self.poisoned.take();
+        Written { file: self.file.file.clone(), file_id: self.file.id, needs_sync: false, outcomes, poisoned }
     }
 
     /// Moves to a new file after a failure, or when the next group may not fit.
     fn rotate_if_needed(&mut self, group_bytes: u64) -> io::Result<()> {
+        if self.sync_failed.swap(false, Ordering::AcqRel) {
+            self.failed = true;
+        }
         let max_file = self.config.max_file_bytes.as_u64();
         if self.failed || self.file.offset + group_bytes > max_file {
             self.rotate()?;
@@ -305,14 +331,9 @@ impl Writer {
     fn write_group(&mut self, len: u64) -> io::Result<()> {
         let prealloc = self.config.preallocate_bytes.as_u64();
         self.file.ensure_allocated(len, prealloc)?;
-        self.file.file.write_all(&self.buf)?;
+        (&*self.file.file).write_all(&self.buf)?;
         self.file.offset += len;
         self.metrics.journal_groups.inc();
-        if self.config.fsync {
-            let start = Instant::now();
-            self.file.file.sync_data()?;
-            self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
-        }
         Ok(())
     }
 
@@ -320,8 +341,11 @@ impl Writer {
         // Never reuse an id, even one whose creation failed half way (the file may exist).
         let next = self.next_file_id;
         self.next_file_id += 1;
-        if !self.failed {
-            self.file.file.sync_data()?;
+        if !self.failed
+            && let Err(e) = self.file.file.sync_data()
+        {
+            self.poisoned = Some(io_error(&e));
+            return Err(e);
         }
         let file = JournalFile::create(&self.dir, next, self.config.preallocate_bytes.as_u64())?;
         if std::mem::take(&mut self.failed) {
@@ -332,6 +356,77 @@ impl Writer {
         self.file = file;
         self.current_file.store(next, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+fn io_error(e: &io::Error) -> JournalError {
+    JournalError::Io { message: e.to_string(), no_space: e.kind() == io::ErrorKind::StorageFull }
+}
+
+/// The sync thread: one `fdatasync` for every group written so far, then their completions.
+struct Syncer {
+    fsync: bool,
+    metrics: Arc<Metrics>,
+    sync_failed: Arc<AtomicBool>,
+    /// A file whose `fdatasync` failed: nothing written to it since is trusted.
+    bad_file: Option<(u64, JournalError)>,
+}
+
+impl Syncer {
+    fn run(mut self, rx: Receiver<Written>) {
+        let mut groups = Vec::new();
+        while let Ok(first) = rx.recv() {
+            groups.push(first);
+            groups.extend(rx.try_iter());
+            for g in &groups {
+                if let Some(e) = &g.poisoned {
+                    self.bad_file = Some((g.file_id, e.clone()));
+                }
+            }
+            // The writer syncs a file before it writes to the next, so syncing each file named
+            // here once, after the last group written to it, covers every group.
+            let mut synced: Vec<(u64, Result<(), JournalError>)> = Vec::new();
+            for (i, g) in groups.iter().enumerate().rev() {
+                if g.needs_sync && !synced.iter().any(|(id, _)| *id == g.file_id) {
+                    let r = self.sync(&groups[i]);
+                    synced.push((g.file_id, r));
+                }
+            }
+            for g in groups.drain(..) {
+                let synced = synced.iter().find(|(id, _)| *id == g.file_id).map(|(_, r)| r);
+                for (done, result) in g.outcomes {
+                    done(match (result, synced) {
+                        (Ok(_), Some(Err(e))) => Err(e.clone()),
+                        (result, _) => result,
+                    });
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self, g: &Written) -> Result<(), JournalError> {
+        if let Some((id, e)) = &self.bad_file
+            && *id == g.file_id
+        {
+            return Err(e.clone());
+        }
+        if !self.fsync {
+            return Ok(());
+        }
+        let start = Instant::now();
+        match g.file.sync_data() {
+            Ok(()) => {
+                self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, file_id = g.file_id, "fdatasync journal; the file is abandoned and its unsynced groups failed");
+                let err = io_error(&e);
+                self.bad_file = Some((g.file_id, err.clone()));
+                self.sync_failed.store(true, Ordering::Release);
+                Err(err)
+            }
+        }
     }
 }
 

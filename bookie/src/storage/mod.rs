@@ -323,7 +323,7 @@ impl Storage {
     }
 
     /// Queues a ledger-level record (fence, delete) in the journal; `apply` runs on the
-    /// completion thread once it is durable. Called with the ledgers lock held, so the record is
+    /// journal's sync thread once it is durable. Called with the ledgers lock held, so the record is
     /// ordered after every add that passed the same state check.
     fn journal_ledger_record<T: Send + 'static>(
         self: &Arc<Self>,
@@ -530,7 +530,7 @@ impl Storage {
         Ok(())
     }
 
-    /// Runs on the completion thread once the delete record is durable.
+    /// Runs on the journal's sync thread once the delete record is durable.
     fn apply_delete(&self, ledger: u64, pos: JournalPos) -> Result<(), StorageError> {
         {
             // Serialized with flush commits, which skip ledgers marked deleted.
