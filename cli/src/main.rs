@@ -60,7 +60,32 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Returns every arena's unused dirty pages to the OS at once (jemalloc's `arena.<all>.purge`).
+/// Called after each write-cache flush, which frees half the cache in one go: with the 1 s decay
+/// above those pages stayed resident while adds refilled the cache, and the bookie's peak memory
+/// exceeded its caches by ~70 MiB. A decay of 0 for the whole process would do the same but
+/// costs the broker's small allocations a third of its throughput.
+#[allow(unsafe_code)] // FFI call into the allocator; no pointers are passed besides the name
+fn purge_freed_memory() {
+    // MALLCTL_ARENAS_ALL is 4096 in jemalloc 5.
+    const NAME: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated name, no old or new value; purging has no other effect.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            NAME.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(rc, "jemalloc purge");
+    }
+}
+
 fn main() -> ExitCode {
+    magnetar_bookie::storage::set_after_flush_hook(purge_freed_memory);
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

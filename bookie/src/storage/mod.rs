@@ -736,6 +736,12 @@ impl Storage {
             self.metrics.entry_log_bytes.set(sizes.iter().map(|(_, s)| *s as i64).sum());
         }
         tracing::debug!(entries = batch.locations.len(), bytes, trimmed, ?checkpoint, "flushed write cache");
+        if snapshot.is_some() {
+            drop(snapshot); // the last reference: the flushed entries are freed here
+            if let Some(hook) = AFTER_FLUSH.get() {
+                hook();
+            }
+        }
         Ok(())
     }
 
@@ -768,6 +774,17 @@ impl Storage {
         self.cache_permits.close();
         info!("storage shut down cleanly");
     }
+}
+
+static AFTER_FLUSH: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers a function that every write-cache flush calls once it has freed the flushed entries
+/// (the first registration wins). The `magnetar` binary hands the freed pages back to the OS
+/// there: a flush frees half the write cache at once, and an allocator that keeps freed pages
+/// for a while would otherwise hold them while new adds refill the cache, so the bookie's memory
+/// would exceed its configured cache.
+pub fn set_after_flush_hook(hook: fn()) {
+    let _ = AFTER_FLUSH.set(hook);
 }
 
 fn adjacent(a: &Location, b: &Location) -> bool {

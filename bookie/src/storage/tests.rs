@@ -270,3 +270,21 @@ async fn a_journaled_delete_is_honoured_by_replay() {
     }
     s2.shutdown();
 }
+
+static FLUSH_HOOK_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[tokio::test]
+async fn a_flush_that_frees_entries_calls_the_after_flush_hook() {
+    set_after_flush_hook(|| {
+        FLUSH_HOOK_CALLS.fetch_add(1, Ordering::SeqCst);
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Storage::open(cfg(dir.path()), Arc::new(Metrics::new())).expect("open");
+    for e in 0..10u64 {
+        add(&s, 7, e, 1000).await.expect("add");
+    }
+    let before = FLUSH_HOOK_CALLS.load(Ordering::SeqCst);
+    s.flush_now().expect("flush");
+    assert!(FLUSH_HOOK_CALLS.load(Ordering::SeqCst) > before, "the hook runs after a flush of entries");
+    check(&s, 7, 9, 1000).await;
+}
