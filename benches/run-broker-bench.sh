@@ -47,7 +47,7 @@ sleep 2 # idle, for the at-rest figure
 REST_KB=$(awk '/^VmRSS/{print $2}' /proc/$PID/status)
 
 # The bookie inside the standalone logs its HTTP address; its /metrics has the journal's figures.
-BOOKIE_HTTP=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/standalone.log" | sed -n 's/.*bookie started.*http_address=\([0-9.:]*\).*/\1/p' | head -1)
+BOOKIE_HTTP=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/standalone.log" | sed -n 's/.*bookie started.*http_address=\([0-9.:]*\).*/\1/p' | sed -n 1p)
 CMDS=()
 declare -A CMD_OF
 perf() { # $1 = name of the JSON summary; the rest: perf arguments
@@ -58,12 +58,8 @@ perf() { # $1 = name of the JSON summary; the rest: perf arguments
   echo "== $line"
   [ -z "$BOOKIE_HTTP" ] || curl -s "http://$BOOKIE_HTTP/metrics" > "$WORK/$name-before.prom"
   profile_start $PID "$WORK/$name-profile"
-  local rc=0 cpu0 w0 w1
-  cpu0=$(cpu_secs $PID); w0=$(date +%s.%N)
-  timed_cpu "$WORK/$name-perf.cpu" "$BIN" perf "$@" --url "$URL" --tls-trust-cert "$CERT" --json "$json" || rc=$?
-  w1=$(date +%s.%N)
-  awk -v a="$cpu0" -v b="$(cpu_secs $PID)" -v w0="$w0" -v w1="$w1" -v c="$(nproc)" -v g="$(cat "$WORK/$name-perf.cpu")" \
-    'BEGIN{printf "standalone %.1f s, load generator %.1f s, of %.1f CPU-seconds (%.1f s on %d cores)", b-a, g, (w1-w0)*c, w1-w0, c}' > "$WORK/$name-cpu.line"
+  local rc=0
+  cpu_run $PID standalone "$WORK/$name-cpu.line" "$BIN" perf "$@" --url "$URL" --tls-trust-cert "$CERT" --json "$json" || rc=$?
   profile_stop "$WORK/$name-profile"
   if [ -n "$BOOKIE_HTTP" ]; then
     curl -s "http://$BOOKIE_HTTP/metrics" > "$WORK/$name-after.prom"

@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # Debian's package may start a system etcd on 2379; tests never use it (they start their own).
-etcd --version | head -1
+etcd --version | sed -n 1p  # sed reads it all: with pipefail, head could SIGPIPE etcd and fail the script
 # The object-store conformance tests (bookie/tests/offload_conformance.rs) start moto's S3 server:
 # install moto[server] from PyPI into ~/.cache/magnetar/s3-server when missing, and point the
 # tests at it.
