@@ -186,6 +186,24 @@ profile_stop() { # OUT
 # cpu_secs PID: CPU seconds (user + system) a live process has used so far, from /proc.
 cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
+# prom_delta BEFORE AFTER NAME: how much counter NAME grew between two /metrics scrapes.
+prom_delta() {
+  awk -v a="$(prom_counter "$1" "$3")" -v b="$(prom_counter "$2" "$3")" 'BEGIN{print b - a}'
+}
+
+# cpu_run PID LABEL OUT COMMAND...: runs COMMAND (the load generator) and writes to OUT the CPU
+# seconds used meanwhile by the server PID (called LABEL) and by COMMAND, against wall time x cores.
+cpu_run() {
+  local pid=$1 label=$2 out=$3 cpu0 w0 w1 rc=0
+  shift 3
+  cpu0=$(cpu_secs "$pid"); w0=$(date +%s.%N)
+  timed_cpu "$out.gen" "$@" || rc=$?
+  w1=$(date +%s.%N)
+  awk -v a="$cpu0" -v b="$(cpu_secs "$pid")" -v w0="$w0" -v w1="$w1" -v c="$(nproc)" -v g="$(cat "$out.gen")" -v l="$label" \
+    'BEGIN{printf "%s %.1f s, load generator %.1f s, of %.1f CPU-seconds (%.1f s on %d cores)", l, b-a, g, (w1-w0)*c, w1-w0, c}' > "$out"
+  return $rc
+}
+
 # timed_cpu OUT COMMAND...: runs COMMAND, writing the CPU seconds it used (user + system) to OUT.
 timed_cpu() {
   local out=$1; shift

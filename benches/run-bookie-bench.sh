@@ -59,21 +59,13 @@ measured() { # NAME perf-bookie-arguments...
   local name=$1; shift
   scrape "$name-before"
   profile_start $BOOKIE "$WORK/$name-profile"
-  local cpu0 w0 w1
-  cpu0=$(cpu_secs $BOOKIE); w0=$(date +%s.%N)
-  timed_cpu "$WORK/$name-perf.cpu" run "$@"
-  w1=$(date +%s.%N)
-  awk -v a="$cpu0" -v b="$(cpu_secs $BOOKIE)" -v w0="$w0" -v w1="$w1" -v c="$(nproc)" -v g="$(cat "$WORK/$name-perf.cpu")" \
-    'BEGIN{printf "CPU over the run (warm-up included): bookie %.1f s, load generator %.1f s, of %.1f CPU-seconds (%.1f s on %d cores)", b-a, g, (w1-w0)*c, w1-w0, c}' > "$WORK/$name-cpu.line"
+  cpu_run $BOOKIE bookie "$WORK/$name-cpu.line" run "$@"
   profile_stop "$WORK/$name-profile"
   scrape "$name-after"
   local groups adds syncs
-  groups=$(awk -v a="$(prom_counter "$WORK/$name-before.prom" magnetar_bookie_journal_groups)" \
-    -v b="$(prom_counter "$WORK/$name-after.prom" magnetar_bookie_journal_groups)" 'BEGIN{print b - a}')
-  adds=$(awk -v a="$(prom_counter "$WORK/$name-before.prom" magnetar_bookie_adds)" \
-    -v b="$(prom_counter "$WORK/$name-after.prom" magnetar_bookie_adds)" 'BEGIN{print b - a}')
-  syncs=$(awk -v a="$(prom_counter "$WORK/$name-before.prom" magnetar_bookie_journal_fsync_seconds_count)" \
-    -v b="$(prom_counter "$WORK/$name-after.prom" magnetar_bookie_journal_fsync_seconds_count)" 'BEGIN{print b - a}')
+  groups=$(prom_delta "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_journal_groups)
+  adds=$(prom_delta "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_adds)
+  syncs=$(prom_delta "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_journal_fsync_seconds_count)
   printf '%s' "Journal fdatasyncs during the run: $(prom_histogram "$WORK/$name-before.prom" "$WORK/$name-after.prom" magnetar_bookie_journal_fsync_seconds); $(awk -v a="$adds" -v g="$groups" -v s="$syncs" 'BEGIN{printf "%.1f adds per write, %.1f per fdatasync", (g > 0 ? a / g : 0), (s > 0 ? a / s : 0)}')" > "$WORK/$name-journal.line"
 }
 T64="perf bookie --size 65536 --in-flight 64 --time 20 --warmup 3"
@@ -132,11 +124,11 @@ journal, entry logs and baselines on the same disk ($(df -h "$WORK" | awk 'NR==2
 one bookie, \`magnetar perf bookie\` on the same machine over loopback TCP.
 
 - Add throughput, 64 KiB entries: $MB64 MB/s, $RATIO64 % of dd conv=fdatasync ($DD_MBS MB/s, median of$DD_ALL).
-  $(cat "$WORK/add64k-journal.line"). $(cat "$WORK/add64k-cpu.line").$(profile_line add64k)
+  $(cat "$WORK/add64k-journal.line"). CPU over the run (warm-up included): $(cat "$WORK/add64k-cpu.line").$(profile_line add64k)
 - Add latency at half the maximum rate ($HALF adds/s of 1 KiB; the maximum was $(printf '%.0f' "$MAX1K")/s):
   p50 $P50 us, p99 $P99 us, p99.9 $P999 us. fio's fdatasync over written blocks: p50 $FSYNC_P50 us,
   p99 $FSYNC_P99 us, p99.9 $FSYNC_P999 us; into a new file p50 $NEW_P50 us, p99 $NEW_P99 us.
-  $(cat "$WORK/add1k-half-journal.line"). $(cat "$WORK/add1k-half-cpu.line").$(profile_line add1k-half)
+  $(cat "$WORK/add1k-half-journal.line"). CPU over the run (warm-up included): $(cat "$WORK/add1k-half-cpu.line").$(profile_line add1k-half)
   The same rate against a bookie that never syncs (\`journal.fsync = false\`, \`magnetar $T1K_NOSYNC\`):
   p50 $NS_P50 us, p99 $NS_P99 us.
 - Memory: peak RSS $HWM_MB MiB (now $((RSS_KB/1024)) MiB) with a write cache of $CACHE_MB MiB and an

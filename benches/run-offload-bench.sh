@@ -140,9 +140,8 @@ EOF
   server_cpu0=$(cpu_secs $server)
   profile_start $SA "$DIR/catchup-profile"
   w0=$(date +%s.%N)
-  TIMEFORMAT='%U %S'
-  if ! { time run "$BIN" perf consume "$TOPIC" -s catchup --position earliest -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$DIR/catchup.json"; } 2> "$DIR/consume.time"; then
-    cat "$DIR/consume.time" >&2
+  if ! timed_cpu "$DIR/consume.cpu" run "$BIN" perf consume "$TOPIC" -s catchup --position earliest -n "$MESSAGES" --warmup 0 --url "$URL" --tls-trust-cert "$CERT" --json "$DIR/catchup.json"; then
+    cat "$DIR/consume.cpu.time" >&2
     exit 1
   fi
   w1=$(date +%s.%N)
@@ -150,7 +149,7 @@ EOF
   local sa_cpu server_cpu consumer_cpu wall catchup check gets
   sa_cpu=$(awk -v a="$sa_cpu0" -v b="$(cpu_secs $SA)" 'BEGIN{printf "%.1f", b-a}')
   server_cpu=$(awk -v a="$server_cpu0" -v b="$(cpu_secs $server)" 'BEGIN{printf "%.1f", b-a}')
-  consumer_cpu=$(tail -1 "$DIR/consume.time" | awk '{printf "%.1f", $1 + $2}')
+  consumer_cpu=$(cat "$DIR/consume.cpu")
   wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.1f", b-a}')
   profile_stop "$DIR/catchup-profile"
   catchup=$(jq '.consumed.mb_per_sec * 10 | floor / 10' "$DIR/catchup.json")

@@ -386,9 +386,9 @@ impl Syncer {
             // The writer syncs a file before it writes to the next, so syncing each file named
             // here once, after the last group written to it, covers every group.
             let mut synced: Vec<(u64, Result<(), JournalError>)> = Vec::new();
-            for (i, g) in groups.iter().enumerate().rev() {
+            for g in groups.iter().rev() {
                 if g.needs_sync && !synced.iter().any(|(id, _)| *id == g.file_id) {
-                    let r = self.sync(&groups[i]);
+                    let r = self.sync(g);
                     synced.push((g.file_id, r));
                 }
             }
