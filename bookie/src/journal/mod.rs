@@ -11,9 +11,9 @@
 //! current `fdatasync`, and one `fdatasync` covers however many groups were written meanwhile.
 //!
 //! Files are preallocated in chunks and rotated at `max_file_bytes`; the old file is synced before
-//! the first record goes to the new one. After a write or fsync error the file is no longer
-//! trusted: the groups written to it that were not yet durable fail, and the next group goes to a
-//! new file. This module never deletes a file newer than the checkpoint it is given.
+//! the first record goes to the new one (unless `fsync` is off). After a write or fsync error the
+//! file is no longer trusted: the groups written to it that were not yet durable fail, and the next
+//! group goes to a new file. This module never deletes a file newer than the checkpoint it is given.
 
 pub mod format;
 
@@ -341,11 +341,15 @@ impl Writer {
         // Never reuse an id, even one whose creation failed half way (the file may exist).
         let next = self.next_file_id;
         self.next_file_id += 1;
-        if !self.failed
-            && let Err(e) = self.file.file.sync_data()
-        {
-            self.poisoned = Some(io_error(&e));
-            return Err(e);
+        // With `fsync = false` nothing is synced: a sync here would write back the whole file
+        // at once (hundreds of MiB) while every add waits.
+        if !self.failed && self.config.fsync {
+            let start = Instant::now();
+            if let Err(e) = self.file.file.sync_data() {
+                self.poisoned = Some(io_error(&e));
+                return Err(e);
+            }
+            self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
         }
         let file = JournalFile::create(&self.dir, next, self.config.preallocate_bytes.as_u64())?;
         if std::mem::take(&mut self.failed) {

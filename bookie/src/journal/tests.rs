@@ -185,3 +185,40 @@ fn recycled_files_never_replay_records_of_their_previous_use() {
     assert_eq!(back, expected);
     assert!(done2.iter().all(|(_, r)| r.is_ok()));
 }
+
+#[test]
+fn rotation_syncs_the_old_file_only_when_fsync_is_on() {
+    for fsync in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Arc::new(Metrics::new());
+        // flush_when_idle = false and a long wait: the records share groups whose only
+        // fdatasyncs are the sync thread's and the writer's when it rotates.
+        let cfg = JournalConfig {
+            fsync,
+            max_file_bytes: ByteSize::kib(16),
+            group_commit_max_bytes: ByteSize::kib(2),
+            preallocate_bytes: ByteSize::kib(4),
+            ..config()
+        };
+        let j = Journal::start(dir.path(), 1, cfg, metrics.clone()).expect("start");
+        let done = append_all(&j, &records(100, 1000));
+        j.shutdown();
+        let last = done.last().expect("some").1.clone().expect("ok");
+        let rotations = last.file_id - 1;
+        assert!(rotations >= 5, "rotated {rotations} times");
+        let syncs = fsync_count(&metrics);
+        if fsync {
+            // One per group at most from the sync thread, plus one per rotation.
+            assert!(syncs >= rotations, "fsync on: {syncs} fdatasyncs for {rotations} rotations");
+        } else {
+            assert_eq!(syncs, 0, "fsync off: no fdatasync at all, rotations included");
+        }
+    }
+}
+
+/// The number of journal fdatasyncs the metrics recorded.
+fn fsync_count(metrics: &Metrics) -> u64 {
+    let text = metrics.render();
+    let line = text.lines().find(|l| l.starts_with("magnetar_bookie_journal_fsync_seconds_count ")).expect("metric");
+    line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count")
+}
