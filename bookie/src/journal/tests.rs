@@ -10,6 +10,16 @@ fn config() -> JournalConfig {
     JournalConfig { preallocate_bytes: ByteSize::kib(64), ..JournalConfig::default() }
 }
 
+/// Small files and groups: 100 records of 1000 bytes span several files.
+fn rotating_config() -> JournalConfig {
+    JournalConfig {
+        max_file_bytes: ByteSize::kib(16),
+        group_commit_max_bytes: ByteSize::kib(2),
+        preallocate_bytes: ByteSize::kib(4),
+        ..config()
+    }
+}
+
 /// Appends `records` and waits for all completions; returns their outcomes in completion order.
 fn append_all(j: &Journal, records: &[Vec<u8>]) -> Vec<(usize, Result<JournalPos, JournalError>)> {
     let (tx, rx) = mpsc::channel();
@@ -117,14 +127,8 @@ fn group_commit_merges_waiting_records_into_one_sync() {
 #[test]
 fn files_rotate_and_replay_spans_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = JournalConfig {
-        max_file_bytes: ByteSize::kib(16),
-        group_commit_max_bytes: ByteSize::kib(2),
-        preallocate_bytes: ByteSize::kib(4),
-        ..config()
-    };
     let recs = records(100, 1000);
-    let j = Journal::start(dir.path(), 5, cfg, Arc::new(Metrics::new())).expect("start");
+    let j = Journal::start(dir.path(), 5, rotating_config(), Arc::new(Metrics::new())).expect("start");
     let done = append_all(&j, &recs);
     j.shutdown();
     let last = done.last().expect("some").1.clone().expect("ok");
@@ -191,15 +195,8 @@ fn rotation_syncs_the_old_file_only_when_fsync_is_on() {
     for fsync in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Arc::new(Metrics::new());
-        // flush_when_idle = false and a long wait: the records share groups whose only
-        // fdatasyncs are the sync thread's and the writer's when it rotates.
-        let cfg = JournalConfig {
-            fsync,
-            max_file_bytes: ByteSize::kib(16),
-            group_commit_max_bytes: ByteSize::kib(2),
-            preallocate_bytes: ByteSize::kib(4),
-            ..config()
-        };
+        // The only fdatasyncs are the sync thread's and the writer's when it rotates.
+        let cfg = JournalConfig { fsync, ..rotating_config() };
         let j = Journal::start(dir.path(), 1, cfg, metrics.clone()).expect("start");
         let done = append_all(&j, &records(100, 1000));
         j.shutdown();
