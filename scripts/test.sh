@@ -25,6 +25,10 @@ etcd --version | sed -n 1p  # sed reads it all: with pipefail, head could SIGPIP
 MAGNETAR_MOTO_SERVER="$(bash scripts/s3-server.sh install | tail -1)"
 export MAGNETAR_MOTO_SERVER
 
+# Disk space, for the log: bookies in tests ignore the host's usage threshold, but a disk that
+# fills up during the build still fails the run.
+df -h . "${TMPDIR:-/tmp}" | sed 's/^/disk: /'
+
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets "$@"

@@ -94,6 +94,8 @@ async fn start_bookie(store: &SharedStore, dir: &Path, id: &str) -> BookieServer
     };
     cfg.journal.fsync = false;
     cfg.journal.preallocate_bytes = bytesize::ByteSize::mib(1);
+    // These tests are not about a full disk: the host's own disk usage must not turn them read-only.
+    cfg.disk.usage_threshold = 1.0;
     BookieServer::start_with_store(cfg, store.clone()).await.expect("start bookie")
 }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_bookie::config::BookieConfig;
+use magnetar_bookie::config::{BookieConfig, DiskConfig};
 use magnetar_bookie::server::BookieServer;
 use magnetar_broker::{Broker, BrokerConfig};
 use magnetar_client::{Client, Error, ErrorCode, InitialPosition, OutgoingMessage};
@@ -30,6 +30,8 @@ async fn start() -> Env {
             metadata_url: url.clone(),
             journal_dir: dir.path().join("journal"),
             ledger_dir: dir.path().join("ledgers"),
+            // Not a disk-full test: the host's own disk usage must not make the bookie read-only.
+            disk: DiskConfig { usage_threshold: 1.0, ..DiskConfig::default() },
             ..BookieConfig::default()
         },
         store.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_bookie::client::LedgerClient;
-use magnetar_bookie::config::BookieConfig;
+use magnetar_bookie::config::{BookieConfig, DiskConfig};
 use magnetar_bookie::server::BookieServer;
 use magnetar_broker::BrokerConfig;
 use magnetar_broker::metrics::Metrics;
@@ -40,6 +40,8 @@ impl Env {
             metadata_url: url,
             journal_dir: dir.path().join("journal"),
             ledger_dir: dir.path().join("ledgers"),
+            // Not a disk-full test: the host's own disk usage must not make the bookie read-only.
+            disk: DiskConfig { usage_threshold: 1.0, ..DiskConfig::default() },
             ..BookieConfig::default()
         };
         let bookie = BookieServer::start_with_store(cfg, store.clone()).await.expect("bookie");

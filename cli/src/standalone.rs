@@ -82,6 +82,12 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     println!("  HTTP (/health, /metrics): http://{}", broker.http_addr());
     println!("  TLS certificate: {}", broker.cert_file().display());
     println!("  data: {}", dir.display());
+    if let Some(reason) = bookie.storage().read_only_reason() {
+        println!(
+            "WARNING: the bookie is read-only ({reason}): producers fail until it accepts writes again \
+             (free disk space, or raise [disk] usage_threshold in a --bookie-config file)"
+        );
+    }
     println!("Try: magnetar consume my-topic -s first-sub -n 10   (then, in another terminal)");
     println!("     magnetar produce my-topic --messages hello -n 10");
     crate::shutdown_signal().await;

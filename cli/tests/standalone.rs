@@ -119,6 +119,29 @@ fn wait_subscribed(child: &mut std::process::Child, subscription: &str) {
     std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
 }
 
+/// A disk over the bookie's usage threshold: standalone starts, says at once that its bookie is
+/// read-only and why, and a producer gets an error that names it, not a hang.
+#[test]
+fn a_full_disk_is_reported_at_start_and_to_producers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Any disk is "full" at a threshold of one millionth.
+    let sa = StandaloneProc::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("MAGNETAR_BOOKIE_DISK__USAGE_THRESHOLD", "0.000001"),
+            ("MAGNETAR_BOOKIE_DISK__USAGE_LOW_WATER_MARK", "0.000001"),
+        ],
+    );
+    let warning = sa.banner.iter().find(|l| l.starts_with("WARNING:")).expect("a warning in the banner");
+    assert!(warning.contains("read-only") && warning.contains("threshold"), "{warning}");
+    let out = sa.client_command(&["produce", "full-disk", "-m", "x"]).output().expect("run produce");
+    assert!(!out.status.success(), "produced on a read-only bookie: {out:?}");
+    assert!(out.stdout.is_empty(), "printed an acknowledgement: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read-only"), "{err}");
+}
+
 #[test]
 fn untrusted_certificate_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -30,13 +30,19 @@ impl BookieProc {
     pub fn start(dir: &Path, id: &str, metadata_url: &str, extra: &str) -> Self {
         std::fs::create_dir_all(dir).expect("mkdir");
         let config = dir.join("bookie.toml");
-        let toml = format!(
+        let mut toml = format!(
             "bookie_id = \"{id}\"\nlisten_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
              metadata_url = \"{metadata_url}\"\nregistration_ttl = \"3s\"\n\
              journal_dir = \"{j}\"\nledger_dir = \"{l}\"\n{extra}\n",
             j = dir.join("journal").display(),
             l = dir.join("ledgers").display(),
         );
+        if !extra.contains("[disk]") {
+            // Only tests that configure `[disk]` are about a full disk; in the others the host's
+            // own disk usage (a CI machine's disk may be over 95 % used) must not turn the bookie
+            // read-only.
+            toml.push_str("[disk]\nusage_threshold = 1.0\n");
+        }
         std::fs::write(&config, toml).expect("write config");
         let mut b =
             Self { id: id.into(), dir: dir.into(), config, addr: String::new(), http: String::new(), child: None };
@@ -202,9 +208,13 @@ pub struct StandaloneProc {
     pub url: String,
     pub http: String,
     pub cert: PathBuf,
+    /// What it printed on standard output up to its "Try:" line.
+    pub banner: Vec<String>,
     child: Option<Child>,
     /// More arguments of `magnetar standalone` (e.g. `--broker-config FILE`).
     args: Vec<std::ffi::OsString>,
+    /// Environment variables set for it (after the test defaults, so they win).
+    env: Vec<(String, String)>,
 }
 
 impl StandaloneProc {
@@ -229,13 +239,19 @@ impl StandaloneProc {
     }
 
     pub fn start_with(dir: &Path, args: &[std::ffi::OsString]) -> Self {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Self {
         let mut s = Self {
             dir: dir.into(),
             url: String::new(),
             http: String::new(),
             cert: PathBuf::new(),
+            banner: Vec::new(),
             child: None,
             args: args.to_vec(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         s.spawn();
         s
@@ -252,17 +268,23 @@ impl StandaloneProc {
             .args(["standalone", "--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&self.dir)
             .args(&self.args)
+            // No standalone test is about a full disk: the host's own disk usage must not turn
+            // the bookie read-only (the variable overrides the bookie's config file).
+            .env("MAGNETAR_BOOKIE_DISK__USAGE_THRESHOLD", "1.0")
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("spawn magnetar standalone");
         let rx = stdout_lines(&mut child);
         let deadline = Instant::now() + DEADLINE;
+        self.banner.clear();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    self.banner.push(line.clone());
                     let value = line.rsplit(' ').next().unwrap_or_default().to_string();
                     if line.contains("clients (QUIC/UDP):") {
                         self.url = value;
