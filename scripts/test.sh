@@ -28,6 +28,10 @@ export MAGNETAR_MOTO_SERVER
 # Disk space, for the log: bookies in tests ignore the host's usage threshold, but a disk that
 # fills up during the build still fails the run.
 { df -h . "${TMPDIR:-/tmp}" || true; } | sed 's/^/disk: /'
+free_kb=$(df -Pk . 2>/dev/null | awk 'NR == 2 {print $4}') || free_kb=""
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((4 * 1024 * 1024)) ]; then
+  echo "warning: $((free_kb / 1024)) MiB free here; a fresh run needs about 4 GiB (README, Development)" >&2
+fi
 
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
