@@ -424,16 +424,13 @@ impl Syncer {
         if !self.fsync {
             return Ok(());
         }
-        match timed_sync(&g.file, &self.metrics) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                error!(error = %e, file_id = g.file_id, "fdatasync journal; the file is abandoned and its unsynced groups failed");
-                let err = io_error(&e);
-                self.bad_file = Some((g.file_id, err.clone()));
-                self.sync_failed.store(true, Ordering::Release);
-                Err(err)
-            }
-        }
+        timed_sync(&g.file, &self.metrics).map_err(|e| {
+            error!(error = %e, file_id = g.file_id, "fdatasync journal; the file is abandoned and its unsynced groups failed");
+            let err = io_error(&e);
+            self.bad_file = Some((g.file_id, err.clone()));
+            self.sync_failed.store(true, Ordering::Release);
+            err
+        })
     }
 }
 

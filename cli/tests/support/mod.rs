@@ -272,7 +272,7 @@ impl StandaloneProc {
             // the bookie read-only (the variable overrides the bookie's config file).
             .env("MAGNETAR_BOOKIE_DISK__USAGE_THRESHOLD", "1.0")
             .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.clone())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
