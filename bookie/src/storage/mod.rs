@@ -703,12 +703,11 @@ impl Storage {
         if let Some(snap) = &snapshot {
             let deleted = self.deleted_among(snap.keys().map(|k| k.0));
             let mut pacer = fill_time.map(|t| Pacer::new(bytes, t));
-            let entries = snap.iter().filter(|((l, _), _)| !deleted.contains(l)).inspect(|(_, raw)| {
-                if let Some(p) = pacer.as_mut() {
-                    p.wrote(raw.len() as u64, || self.cache_pressure());
-                }
-            });
-            write_entries(&self.entry_log, entries, &mut batch)?;
+            let entries = snap.iter().filter(|((l, _), _)| !deleted.contains(l));
+            write_entries(&self.entry_log, entries, &mut batch, |len| match pacer.as_mut() {
+                Some(p) => p.wrote(len, || self.cache_pressure(), || self.entry_log.settle()),
+                None => Ok(()),
+            })?;
             self.entry_log.sync()?;
         }
         {
@@ -808,15 +807,24 @@ impl Pacer {
         Self { start: Instant::now(), bytes_per_sec: rate, written: 0 }
     }
 
-    /// Accounts `n` bytes written; sleeps when ahead of the rate, unless `pressure()` says the
-    /// cache is filling up (then the flush runs at full speed).
-    fn wrote(&mut self, n: u64, pressure: impl FnOnce() -> bool) {
+    /// Accounts `n` bytes written. When ahead of the rate, and unless `pressure()` says the cache
+    /// is filling up (then the flush runs at full speed), spends the lead on `settle()` (making
+    /// what was written durable) and sleeps for the rest of it.
+    fn wrote(
+        &mut self,
+        n: u64,
+        pressure: impl FnOnce() -> bool,
+        settle: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         self.written += n;
         let due = Duration::from_secs_f64(self.written as f64 / self.bytes_per_sec);
-        let elapsed = self.start.elapsed();
-        if due > elapsed + Duration::from_millis(2) && !pressure() {
-            std::thread::sleep(due - elapsed);
+        if due > self.start.elapsed() + Duration::from_millis(2) && !pressure() {
+            settle()?;
+            if let Some(lead) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(lead);
+            }
         }
+        Ok(())
     }
 }
 
@@ -824,8 +832,10 @@ fn write_entries<'a>(
     log: &EntryLogger,
     entries: impl Iterator<Item = (&'a Key, &'a Bytes)>,
     batch: &mut FlushBatch,
+    mut before_each: impl FnMut(u64) -> std::io::Result<()>,
 ) -> Result<(), StorageError> {
     for (&(l, e), raw) in entries {
+        before_each(raw.len() as u64)?;
         let loc = log.append(raw)?;
         let lac = peek_header(raw).map(|h| h.2).unwrap_or(-1);
         batch.locations.push((l, e, loc));
@@ -835,6 +845,30 @@ fn write_entries<'a>(
         *batch.log_bytes.entry((loc.log_id, l)).or_insert(0) += RECORD_PREFIX_BYTES + raw.len() as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[test]
+    fn a_pacer_ahead_of_its_rate_settles_then_sleeps_unless_under_pressure() {
+        // 64 MiB to flush over a 2 s fill: paced at 64 MiB/s, so 16 MiB is due after 250 ms.
+        let mut p = Pacer::new(64 << 20, Duration::from_secs(2));
+        let settled = std::cell::Cell::new(0);
+        let settle = || {
+            settled.set(settled.get() + 1);
+            Ok(())
+        };
+        let start = Instant::now();
+        p.wrote(16 << 20, || false, settle).expect("wrote");
+        assert_eq!(settled.get(), 1, "ahead of the rate: settled");
+        assert!(start.elapsed() >= Duration::from_millis(200), "and slept: {:?}", start.elapsed());
+        p.wrote(16 << 20, || true, settle).expect("wrote");
+        assert_eq!(settled.get(), 1, "under pressure: no settling (nor sleeping, in the same branch)");
+        let e = p.wrote(16 << 20, || false, || Err(std::io::Error::other("disk"))).expect_err("settle failed");
+        assert_eq!(e.to_string(), "disk");
+    }
 }
 
 #[cfg(test)]

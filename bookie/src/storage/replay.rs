@@ -32,7 +32,7 @@ pub(super) fn replay_journal(cfg: &BookieConfig, index: &Index, log: &EntryLogge
     let mut entries = 0u64;
     let flush = |pending: &mut BTreeMap<Key, Bytes>, upto: JournalPos| -> Result<(), StorageError> {
         let mut batch = FlushBatch::default();
-        write_entries(log, pending.iter(), &mut batch)?;
+        write_entries(log, pending.iter(), &mut batch, |_| Ok(()))?;
         log.sync()?;
         index.commit_flush(&batch, upto)?;
         pending.clear();
