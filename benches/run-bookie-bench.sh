@@ -155,7 +155,10 @@ Notes:
   \`copy_folio_from_iter_atomic\`, is that copy; on this VM first-touch page-cache pages are
   expensive (\`clear_page_erms\`, page faults). Writing the journal with \`O_DIRECT\` (tried on
   2026-11-23) removed the journal's share of that copy but measured the same throughput and bookie
-  CPU per GB in three alternating pairs of runs, so the journal stays buffered.
+  CPU per GB in three alternating pairs of runs, so the journal stays buffered. Until 2026-11-24
+  the flusher also stopped for an \`fdatasync\` after every 1 MiB of entry log, which made it the
+  bottleneck; it now starts each 1 MiB's write-back without waiting (\`sync_file_range\`) and
+  syncs once per flush (docs/bookie.md, "Flush, entry logs, index and checkpoint").
 - The latency target compares with fdatasync over already written blocks: the journal recycles
   checkpointed files, so in steady state its syncs are data-only. A bookie's first journal files
   are preallocated (\`fallocate\`) and cost a metadata commit per sync until recycling starts.
