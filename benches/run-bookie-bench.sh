@@ -11,6 +11,7 @@ OUT=$ROOT/docs/benchmarks.md
 rm -rf "$WORK" && mkdir -p "$WORK"
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
+command -v sockperf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sockperf >/dev/null; }
 command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 
 cargo build --release --locked -p magnetar-cli
@@ -93,6 +94,22 @@ T1K_NOSYNC="perf bookie --size 1024 --rate $HALF --in-flight 4096 --time 10 --wa
 run --size 1024 --rate "$HALF" --in-flight 4096 --time 10 --warmup 2 --first-ledger 4000 --json "$WORK/add1k-nosync.json"
 kill -TERM $BOOKIE; wait $BOOKIE || true
 trap - EXIT
+
+# The machine's own request/response floor at the same rate, with no bookie and no disk: sockperf
+# (C) sends 1 KiB messages over loopback TCP at $HALF/s and its server echoes every 100th (its
+# default); the percentiles are of those round trips.
+echo "== baseline: loopback TCP request/response at $HALF msg/s of 1 KiB (sockperf under-load)"
+sockperf server --tcp -i 127.0.0.1 -p 3199 > "$WORK/sockperf-server.log" 2>&1 &
+SOCKPERF=$!
+trap 'kill $SOCKPERF 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/3199) 2>/dev/null && break; sleep 0.1; done
+sockperf under-load --tcp -i 127.0.0.1 -p 3199 --mps "$HALF" -m 1024 -t 10 2>&1 | sed 's/\x1b\[[0-9;]*m//g' > "$WORK/sockperf.txt"
+kill $SOCKPERF; wait $SOCKPERF 2>/dev/null || true
+trap - EXIT
+sockperf_pct() { awk -v p="$1" '$0 ~ "percentile " p " =" {printf "%.0f", $NF}' "$WORK/sockperf.txt"; }
+ECHO_P50=$(sockperf_pct 50.000); ECHO_P99=$(sockperf_pct 99.000); ECHO_P999=$(sockperf_pct 99.900)
+[ -n "$ECHO_P99" ] || { echo "sockperf printed no percentiles:"; cat "$WORK/sockperf.txt"; exit 1; }
+echo "   TCP echo us p50 $ECHO_P50 p99 $ECHO_P99 p99.9 $ECHO_P999"
 NS_P50=$(jq '.latency_us.p50' "$WORK/add1k-nosync.json"); NS_P99=$(jq '.latency_us.p99' "$WORK/add1k-nosync.json")
 
 MB64=$(jq '.mb_per_sec * 10 | floor / 10' "$WORK/add64k.json")
@@ -130,7 +147,9 @@ one bookie, \`magnetar perf bookie\` on the same machine over loopback TCP.
   p99 $FSYNC_P99 us, p99.9 $FSYNC_P999 us; into a new file p50 $NEW_P50 us, p99 $NEW_P99 us.
   $(cat "$WORK/add1k-half-journal.line"). CPU over the run (warm-up included): $(cat "$WORK/add1k-half-cpu.line").$(profile_line add1k-half)
   The same rate against a bookie that never syncs (\`journal.fsync = false\`, \`magnetar $T1K_NOSYNC\`):
-  p50 $NS_P50 us, p99 $NS_P99 us.
+  p50 $NS_P50 us, p99 $NS_P99 us. With no bookie at all, loopback TCP request/response at the
+  same rate (\`sockperf under-load --tcp --mps $HALF -m 1024 -t 10\`, the server echoing every
+  100th message): p50 $ECHO_P50 us, p99 $ECHO_P99 us, p99.9 $ECHO_P999 us.
 - Memory: peak RSS $HWM_MB MiB (now $((RSS_KB/1024)) MiB) with a write cache of $CACHE_MB MiB and an
   index cache of 32 MiB.
 
@@ -149,7 +168,9 @@ Notes:
   writer) on 2 vCPUs shared with the load generator, where the profile's top kernel symbols are
   context switches (\`finish_task_switch\`) and virtio doorbells (\`iowrite16\`), and the VM's
   steal time varies from run to run. The journal's own fdatasyncs are slower than fio's because
-  the entry-log flush and the kernel's write-back share the same disk.
+  the entry-log flush and the kernel's write-back share the same disk. The sockperf echo is the
+  machine's floor for any request/response service at this rate on loopback: where its p99 is
+  itself above twice fio's fdatasync p99, the latency target cannot be met on this machine.
 - What limits the throughput with 64 KiB entries: each byte is copied twice into the page cache
   (journal, then entry log) and written twice to the one disk. The profile's top symbol,
   \`copy_folio_from_iter_atomic\`, is that copy; on this VM first-touch page-cache pages are
@@ -167,6 +188,6 @@ MD
 )
 write_section "$OUT" bookie-bench "$SECTION"
 summary_row "bookie: add throughput, 64 KiB entries, fsync on" "$MB64 MB/s" "dd conv=fdatasync $DD_MBS MB/s" "$RATIO64 %" ">= 70 %: $V64" "magnetar $T64"
-summary_row "bookie: add latency, 1 KiB at half the max rate ($HALF/s)" "p50 $P50 us, p99 $P99 us, p99.9 $P999 us" "fdatasync p99 $FSYNC_P99 us (fio)" "p99 $LATRATIO x" "p99 <= 2x: $VLAT" "magnetar $T1K"
+summary_row "bookie: add latency, 1 KiB at half the max rate ($HALF/s)" "p50 $P50 us, p99 $P99 us, p99.9 $P999 us" "fdatasync p99 $FSYNC_P99 us (fio); loopback TCP echo p99 $ECHO_P99 us (sockperf)" "p99 $LATRATIO x" "p99 <= 2x: $VLAT" "magnetar $T1K"
 summary_row "bookie: memory after the runs" "peak RSS $HWM_MB MiB" "write cache $CACHE_MB MiB + index cache 32 MiB" "" "<= caches + 64 MiB: $VMEM" ""
 publish_summary bookie "$OUT"
