@@ -29,12 +29,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct EtcdServer {
     child: Child,
     client_port: u16,
+    /// The member name, unique per server: tells this etcd from another one that took the port.
+    name: String,
     data: tempfile::TempDir,
 }
 
 impl EtcdServer {
     /// Starts etcd (from `PATH` or `/usr/bin/etcd`) on two free ports and waits until it answers
-    /// its health check. Tries new ports if the chosen ones were taken meanwhile.
+    /// its health check as the member it was started as. Tries new ports if the chosen ones were
+    /// taken meanwhile (by anything, including another test's etcd).
     pub fn start() -> io::Result<EtcdServer> {
         let binary = find_etcd()?;
         let mut last_error = None;
@@ -56,14 +59,15 @@ impl EtcdServer {
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = data.path().join("etcd.log");
         let log = File::create(&log_path)?;
+        let name = data.path().file_name().map_or_else(|| "magnetar-etcd".into(), |n| n.to_string_lossy().into_owned());
         let child = Command::new(binary)
-            .arg("--name=magnetar-test")
+            .arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", data.path().join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=magnetar-test={peer_url}"))
+            .arg(format!("--initial-cluster={name}={peer_url}"))
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
@@ -73,7 +77,7 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("spawn {}: {e}", binary.display())))?;
-        let mut server = EtcdServer { child, client_port, data };
+        let mut server = EtcdServer { child, client_port, name, data };
         server.wait_ready(&log_path)?;
         Ok(server)
     }
@@ -92,7 +96,16 @@ impl EtcdServer {
                 });
             }
             if healthy(address) {
-                return Ok(());
+                match member_names(address) {
+                    Ok(names) if names == [self.name.as_str()] => return Ok(()),
+                    Ok(names) => {
+                        return Err(StartError::PortTaken(io::Error::other(format!(
+                            "another etcd (members {names:?}) answers on {address}, not {}",
+                            self.name
+                        ))));
+                    }
+                    Err(_) => {}
+                }
             }
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(log_path).unwrap_or_default();
@@ -120,23 +133,15 @@ impl EtcdServer {
         self.data.path().to_owned()
     }
 
-    /// Freezes etcd (SIGSTOP): connections stay open but nothing answers.
+    /// Freezes etcd (SIGSTOP) and waits until all its threads are stopped: from then on,
+    /// connections stay open but nothing answers.
     pub fn pause(&self) -> io::Result<()> {
-        self.signal("-STOP")
+        signal_child(&self.child, "etcd", Signal::Stop)
     }
 
-    /// Lets a paused etcd run again (SIGCONT).
+    /// Lets a paused etcd run again (SIGCONT) and waits until none of its threads is stopped.
     pub fn resume(&self) -> io::Result<()> {
-        self.signal("-CONT")
-    }
-
-    fn signal(&self, signal: &str) -> io::Result<()> {
-        let status = Command::new("kill").arg(signal).arg(self.child.id().to_string()).status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!("kill {signal} {} failed: {status}", self.child.id())))
-        }
+        signal_child(&self.child, "etcd", Signal::Cont)
     }
 }
 
@@ -180,14 +185,155 @@ fn free_port() -> io::Result<u16> {
 
 /// Whether etcd answers `GET /health` with `"health":"true"`.
 fn healthy(address: SocketAddr) -> bool {
-    let probe = || -> io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&address, PROBE_TIMEOUT)?;
-        stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
-        stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
-        stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
+    let request = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    exchange(address, request, PROBE_TIMEOUT).is_ok_and(|r| r.contains("\"health\":\"true\""))
+}
+
+/// The member names in etcd's member list (the JSON gateway of the v3 API).
+fn member_names(address: SocketAddr) -> io::Result<Vec<String>> {
+    let request = "POST /v3/cluster/member/list HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}";
+    let response = exchange(address, request, PROBE_TIMEOUT)?;
+    let mut names = Vec::new();
+    let mut rest = response.as_str();
+    while let Some(at) = rest.find("\"name\":\"") {
+        rest = &rest[at + "\"name\":\"".len()..];
+        let end = rest.find('"').ok_or_else(|| io::Error::other(format!("bad member list: {response:.300}")))?;
+        names.push(rest[..end].to_string());
+    }
+    if names.is_empty() {
+        return Err(io::Error::other(format!("no members in the member list: {response:.300}")));
+    }
+    Ok(names)
+}
+
+/// One HTTP/1.0 exchange on a new connection: writes `request`, reads the response to its end.
+fn exchange(address: SocketAddr, request: &str, timeout: Duration) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// The two job-control signals tests send to a server they started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Cont,
+}
+
+/// How long a signalled server gets until all its threads are stopped (or running again).
+const SIGNAL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Sends `signal` to `child` (`what` names it in errors) and waits until every one of its threads
+/// is stopped (`Stop`) or none is (`Cont`). An error if the child has exited: a test that pauses a
+/// server must know that nothing answers from then on.
+fn signal_child(child: &Child, what: &str, signal: Signal) -> io::Result<()> {
+    let pid = child.id();
+    let (flag, raw) = match signal {
+        Signal::Stop => ("SIGSTOP", rustix::process::Signal::STOP),
+        Signal::Cont => ("SIGCONT", rustix::process::Signal::CONT),
     };
-    probe().is_ok_and(|r| r.contains("\"health\":\"true\""))
+    rustix::process::kill_process(rustix::process::Pid::from_child(child), raw)
+        .map_err(|e| io::Error::other(format!("{flag} to {what} (pid {pid}): {e}")))?;
+    let deadline = Instant::now() + SIGNAL_DEADLINE;
+    loop {
+        let states = thread_states(pid)
+            .map_err(|e| io::Error::new(e.kind(), format!("{what} (pid {pid}) after {flag}: {e}")))?;
+        if matches!(states.first(), None | Some('Z' | 'X')) {
+            return Err(io::Error::other(format!("{what} (pid {pid}) has exited; it cannot be paused or resumed")));
+        }
+        let stopped = states.iter().filter(|&&s| s == 'T').count();
+        let done = match signal {
+            Signal::Stop => stopped == states.len(),
+            Signal::Cont => stopped == 0,
+        };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what} (pid {pid}): thread states {states:?} {SIGNAL_DEADLINE:?} after {flag}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The state letter (`R`, `S`, `T`, `Z`, ...) of each thread of process `pid`, the main thread
+/// first, from `/proc`. Empty if the process is gone.
+fn thread_states(pid: u32) -> io::Result<Vec<char>> {
+    let state = |tid: &str| -> io::Result<Option<char>> {
+        match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+            // "tid (comm) S ...": the command may hold spaces and parentheses, the state follows
+            // the last ')'.
+            Ok(stat) => Ok(stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let Some(main) = state(&pid.to_string())? else { return Ok(Vec::new()) };
+    let mut states = vec![main];
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    for task in tasks {
+        let tid = task?.file_name().to_string_lossy().into_owned();
+        if tid != pid.to_string()
+            && let Some(s) = state(&tid)?
+        {
+            states.push(s);
+        }
+    }
+    Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_for(pid: u32, what: &str, done: impl Fn(&[char]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(&thread_states(pid).expect("thread states")) {
+            assert!(Instant::now() < deadline, "{what}: states {:?}", thread_states(pid));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_paused_child_is_stopped_until_resumed() {
+        let mut child = Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        signal_child(&child, "sleep", Signal::Stop).expect("pause");
+        assert_eq!(thread_states(child.id()).expect("states"), ['T']);
+        signal_child(&child, "sleep", Signal::Cont).expect("resume");
+        assert!(!thread_states(child.id()).expect("states").contains(&'T'));
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+    }
+
+    #[test]
+    fn a_child_that_exited_cannot_be_paused() {
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        // Exited but not reaped: the pid still names it (a zombie), and a signal to it succeeds.
+        wait_for(child.id(), "true exits", |states| states == ['Z']);
+        let err = signal_child(&child, "true", Signal::Stop).expect_err("a zombie cannot stop");
+        assert!(err.to_string().contains("has exited"), "{err}");
+        child.wait().expect("reap");
+    }
+
+    #[test]
+    fn every_thread_of_this_process_is_listed() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || rx.recv());
+        let states = thread_states(std::process::id()).expect("states");
+        assert!(states.len() >= 2, "{states:?}");
+        assert!(states.contains(&'R'), "the thread reading them is running: {states:?}");
+        drop(tx);
+        helper.join().expect("join").expect_err("sender dropped");
+    }
 }

@@ -1,26 +1,28 @@
 //! A throw-away S3-compatible server for tests: moto's server mode (`moto_server`, PyPI
 //! `moto[server]`, in memory), installed by `scripts/s3-server.sh install`.
 //!
-//! This module owns the moto child process of a test and its log file: it starts it on a free
-//! 127.0.0.1 port, creates one bucket, and kills (and reaps) it on drop. It never touches a server
+//! This module owns the moto child process of a test and its log file: it starts it on a
+//! 127.0.0.1 port that moto picks itself (port 0) and reports in its log, so two servers never
+//! race for one port, creates one bucket, and kills (and reaps) it on drop. It never touches a server
 //! it did not start. If moto is not installed, `start` fails with a message saying how to install
 //! it: tests that need S3 never skip.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::{Signal, exchange, signal_child};
 
 /// Environment variable naming the `moto_server` binary (set by `scripts/test.sh`).
 pub const MOTO_SERVER_ENV: &str = "MAGNETAR_MOTO_SERVER";
 /// How long moto gets to start answering (a cold Python start takes a few seconds).
 const START_DEADLINE: Duration = Duration::from_secs(60);
 const POLL_EVERY: Duration = Duration::from_millis(50);
-const START_ATTEMPTS: usize = 5;
+/// What werkzeug (moto's HTTP server) logs once it listens, followed by the port.
+const LISTENING: &str = "Running on http://127.0.0.1:";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// moto's S3 on 127.0.0.1 with one bucket, [`S3Server::BUCKET`]. Any credentials are accepted.
@@ -35,33 +37,21 @@ impl S3Server {
     /// The bucket created at start.
     pub const BUCKET: &'static str = "magnetar";
 
-    /// Starts `moto_server` on a free port, waits until it answers and creates [`Self::BUCKET`].
+    /// Starts `moto_server` on a port of its choosing, waits until it answers and creates
+    /// [`Self::BUCKET`].
     pub fn start() -> io::Result<S3Server> {
         let binary = find_moto_server()?;
-        let mut last_error = None;
-        for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&binary) {
-                Ok(server) => return Ok(server),
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_error = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| io::Error::other("moto_server did not start")))
-    }
-
-    fn start_once(binary: &Path) -> io::Result<S3Server> {
         let dir = tempfile::Builder::new().prefix("magnetar-s3-").tempdir()?;
-        let port = free_port()?;
         let log_path = dir.path().join("moto.log");
         let log = File::create(&log_path)?;
-        let child = Command::new(binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("spawn {}: {e}", binary.display())))?;
-        let mut server = S3Server { child, port, dir };
+        let mut server = S3Server { child, port: 0, dir };
         server.wait_ready(&log_path)?;
         let (status, body) = server.request("PUT", &format!("/{}", Self::BUCKET))?;
         if status != 200 {
@@ -70,23 +60,21 @@ impl S3Server {
         Ok(server)
     }
 
+    /// Waits for the port in the log, then for an answer on it.
     fn wait_ready(&mut self, log_path: &Path) -> io::Result<()> {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
             if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(log_path).unwrap_or_default();
-                let kind = if log.contains("Address already in use") {
-                    io::ErrorKind::AddrInUse
-                } else {
-                    io::ErrorKind::Other
-                };
-                return Err(io::Error::new(kind, format!("moto_server exited with {status} at start:\n{log}")));
+                return Err(io::Error::other(format!("moto_server exited with {status} at start:\n{log}")));
             }
-            if self.request("GET", "/").is_ok_and(|(status, _)| status == 200) {
+            if self.port == 0 {
+                self.port = listening_port(&log).unwrap_or(0);
+            }
+            if self.port != 0 && self.request("GET", "/").is_ok_and(|(status, _)| status == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(log_path).unwrap_or_default();
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("moto_server did not answer within {START_DEADLINE:?}:\n{log}"),
@@ -139,34 +127,23 @@ impl S3Server {
         Ok(keys)
     }
 
-    /// Freezes the server (SIGSTOP): connections are accepted by the kernel but nothing answers.
+    /// Freezes the server (SIGSTOP) and waits until all its threads are stopped: from then on,
+    /// connections are accepted by the kernel but nothing answers.
     pub fn pause(&self) -> io::Result<()> {
-        self.signal("-STOP")
+        signal_child(&self.child, "moto_server", Signal::Stop)
     }
 
-    /// Lets a paused server run again (SIGCONT).
+    /// Lets a paused server run again (SIGCONT) and waits until none of its threads is stopped.
     pub fn resume(&self) -> io::Result<()> {
-        self.signal("-CONT")
-    }
-
-    fn signal(&self, signal: &str) -> io::Result<()> {
-        let status = Command::new("kill").arg(signal).arg(self.child.id().to_string()).status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!("kill {signal} {} failed: {status}", self.child.id())))
-        }
+        signal_child(&self.child, "moto_server", Signal::Cont)
     }
 
     /// One unsigned HTTP/1.0 request (moto does not check signatures): status and body.
     fn request(&self, method: &str, target: &str) -> io::Result<(u16, String)> {
         let address = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT)?;
-        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-        write!(stream, "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n", self.port)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
+        let request =
+            format!("{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n", self.port);
+        let response = exchange(address, &request, REQUEST_TIMEOUT)?;
         let status = response
             .split_whitespace()
             .nth(1)
@@ -175,6 +152,13 @@ impl S3Server {
         let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         Ok((status, body))
     }
+}
+
+/// The port in werkzeug's " * Running on http://127.0.0.1:PORT" line, once it is logged.
+fn listening_port(log: &str) -> Option<u16> {
+    let after = &log[log.find(LISTENING)? + LISTENING.len()..];
+    let digits = after.find(|c: char| !c.is_ascii_digit())?;
+    after[..digits].parse().ok().filter(|&port| port != 0)
 }
 
 impl Drop for S3Server {
@@ -232,4 +216,18 @@ fn xml_values(xml: &str, tag: &str) -> Vec<String> {
         rest = &after[end + close.len()..];
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_port;
+
+    #[test]
+    fn the_port_is_read_from_a_complete_startup_line() {
+        let log = "\u{1b}[31m\u{1b}[1mWARNING: This is a development server.\u{1b}[0m\n * Running on http://127.0.0.1:43893\n";
+        assert_eq!(listening_port(log), Some(43893));
+        assert_eq!(listening_port(" * Running on http://127.0.0.1:438"), None, "the line may still be written");
+        assert_eq!(listening_port(" * Running on http://127.0.0.1:0\n"), None);
+        assert_eq!(listening_port("moto starting\n"), None);
+    }
 }
