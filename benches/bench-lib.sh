@@ -212,3 +212,37 @@ timed_cpu() {
   tail -1 "$out.time" | awk '{printf "%.1f", $1 + $2}' > "$out"
   return $rc
 }
+
+# sched_probe_start OUT: measures how late the machine wakes a sleeping thread, in the background
+# until `sched_probe_stop OUT`: cyclictest (Debian rt-tests, installed when missing), one ordinary
+# (SCHED_OTHER) thread per core waking every 1 ms, histogram in microseconds. Run beside a latency
+# benchmark it shows the scheduling delay every thread of that run was exposed to (hypervisor
+# preemption and steal included). `sched_probe_stop OUT` stops it and writes
+# "p99 X ms, p99.9 Y ms, max Z ms" (over all cores' wake-ups) to OUT.line.
+sched_probe_start() { # OUT
+  SCHED_PID=""
+  command -v cyclictest >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rt-tests >/dev/null; }
+  cyclictest --threads="$(nproc)" --affinity --interval=1000 --quiet --histogram=100000 \
+    > "$1.txt" 2> "$1.err" &
+  SCHED_PID=$!
+}
+sched_probe_stop() { # OUT
+  [ -n "${SCHED_PID:-}" ] || return 0
+  kill -INT "$SCHED_PID" 2>/dev/null || true # it prints its histogram and exits
+  wait "$SCHED_PID" || { echo "cyclictest failed:" >&2; cat "$1.err" >&2; return 1; }
+  SCHED_PID=""
+  # Histogram rows, in ascending order: "<us> <count core 0> <count core 1> ..."; read twice
+  # (totals, then percentiles). Wake-ups past the histogram (100 ms) show in the max.
+  awk 'NR == FNR {if ($1 ~ /^[0-9]+$/) for (i = 2; i <= NF; i++) total += $i; next}
+       /^# Max Latencies:/ {for (i = 4; i <= NF; i++) if ($i + 0 > max) max = $i + 0}
+       $1 ~ /^[0-9]+$/ {
+         for (i = 2; i <= NF; i++) acc += $i
+         if (p99 == "" && acc >= 0.99 * total) p99 = $1 + 0
+         if (p999 == "" && acc >= 0.999 * total) p999 = $1 + 0
+       }
+       END {
+         if (total == 0) exit 1
+         printf "p99 %.2f ms, p99.9 %.2f ms, max %.1f ms", p99 / 1000, p999 / 1000, max / 1000
+       }' "$1.txt" "$1.txt" > "$1.line" || { echo "cyclictest printed no histogram:" >&2; grep '^#' "$1.txt" >&2; return 1; }
+}
