@@ -17,7 +17,10 @@ pub struct Metrics {
     pub reads: Counter,
     pub read_bytes: Counter,
     pub read_errors: Counter,
+    pub add_seconds: Histogram,
     pub fsync_seconds: Histogram,
+    pub journal_write_seconds: Histogram,
+    pub journal_record_seconds: Histogram,
     pub journal_queue_depth: Gauge,
     pub journal_bytes: Counter,
     pub journal_groups: Counter,
@@ -39,7 +42,10 @@ impl Metrics {
             reads: Counter::default(),
             read_bytes: Counter::default(),
             read_errors: Counter::default(),
+            add_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            journal_write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            journal_record_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             journal_queue_depth: Gauge::default(),
             journal_bytes: Counter::default(),
             journal_groups: Counter::default(),
@@ -57,7 +63,22 @@ impl Metrics {
         registry.register("reads", "Entries read", m.reads.clone());
         registry.register("read_bytes", "Bytes of entries read", m.read_bytes.clone());
         registry.register("read_errors", "Reads that found corrupt data", m.read_errors.clone());
+        registry.register(
+            "add_seconds",
+            "Add latency inside the bookie: from the request to its durability (write-cache wait, journal)",
+            m.add_seconds.clone(),
+        );
         registry.register("journal_fsync_seconds", "Journal group-commit fdatasync latency", m.fsync_seconds.clone());
+        registry.register(
+            "journal_write_seconds",
+            "Journal group write latency (into the page cache, before its fdatasync)",
+            m.journal_write_seconds.clone(),
+        );
+        registry.register(
+            "journal_record_seconds",
+            "Time a record spends in the journal: queued, grouped, written and fdatasync'd",
+            m.journal_record_seconds.clone(),
+        );
         registry.register("journal_queue_depth", "Records waiting for the journal", m.journal_queue_depth.clone());
         registry.register("journal_written_bytes", "Bytes written to the journal", m.journal_bytes.clone());
         registry.register("journal_groups", "Group commits written to the journal", m.journal_groups.clone());

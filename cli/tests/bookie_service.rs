@@ -90,6 +90,8 @@ async fn bad_input_gets_clear_errors_and_only_its_connection_closes() {
     let (_, metrics) = http_get(&b.http, "/metrics");
     assert!(metrics.contains("magnetar_bookie_adds_total 1"), "{metrics}");
     assert!(metrics.contains("magnetar_bookie_journal_fsync_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains("magnetar_bookie_add_seconds_count 1\n"), "{metrics}");
+    assert!(metrics.contains("magnetar_bookie_journal_record_seconds_count 1\n"), "{metrics}");
     assert!(b.stop().success(), "clean shutdown on SIGTERM");
 }
 

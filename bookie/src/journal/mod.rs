@@ -56,7 +56,10 @@ enum Op {
     Append { kind: u8, body: Bytes, enqueued: Instant, done: Completion },
 }
 
-type Batch = Vec<(Completion, Result<JournalPos, JournalError>)>;
+/// Each record's completion, outcome and the time it was queued.
+type Batch = Vec<(Completion, Result<JournalPos, JournalError>, Instant)>;
+/// Records of the group being built: completion, end offset in the buffer, time queued.
+type Pending = Vec<(Completion, u64, Instant)>;
 
 /// A group written to a journal file, waiting for the `fdatasync` that makes it durable.
 struct Written {
@@ -280,14 +283,14 @@ impl Writer {
         }
     }
 
-    fn push(&mut self, op: Op, pending: &mut Vec<(Completion, u64)>) {
-        let Op::Append { kind, body, done, .. } = op;
+    fn push(&mut self, op: Op, pending: &mut Pending) {
+        let Op::Append { kind, body, enqueued, done } = op;
         format::put_record(&mut self.buf, self.file.id, kind, &body);
-        pending.push((done, self.buf.len() as u64));
+        pending.push((done, self.buf.len() as u64, enqueued));
     }
 
     /// Writes the buffered group; returns it with each record's position, for the sync thread.
-    fn commit(&mut self, pending: Vec<(Completion, u64)>) -> Written {
+    fn commit(&mut self, pending: Pending) -> Written {
         let len = self.buf.len() as u64;
         let result = self.write_group(len);
         let base = self.file.offset - if result.is_ok() { len } else { 0 };
@@ -298,7 +301,7 @@ impl Writer {
                 self.metrics.journal_bytes.inc_by(len);
                 let outcomes = pending
                     .into_iter()
-                    .map(|(done, end)| (done, Ok(JournalPos { file_id, offset: base + end })))
+                    .map(|(done, end, queued)| (done, Ok(JournalPos { file_id, offset: base + end }), queued))
                     .collect();
                 Written { file: self.file.file.clone(), file_id, needs_sync: true, outcomes, poisoned: None }
             }
@@ -306,12 +309,12 @@ impl Writer {
         }
     }
 
-    fn failed_group(&mut self, pending: Vec<(Completion, u64)>, e: &io::Error) -> Written {
+    fn failed_group(&mut self, pending: Pending, e: &io::Error) -> Written {
         error!(error = %e, file_id = self.file.id, "write journal group; the file is abandoned and the group failed");
         self.buf.clear();
         self.failed = true;
         let err = io_error(e);
-        let outcomes = pending.into_iter().map(|(done, _)| (done, Err(err.clone()))).collect();
+        let outcomes = pending.into_iter().map(|(done, _, queued)| (done, Err(err.clone()), queued)).collect();
         let poisoned = self.poisoned.take();
         Written { file: self.file.file.clone(), file_id: self.file.id, needs_sync: false, outcomes, poisoned }
     }
@@ -331,7 +334,9 @@ impl Writer {
     fn write_group(&mut self, len: u64) -> io::Result<()> {
         let prealloc = self.config.preallocate_bytes.as_u64();
         self.file.ensure_allocated(len, prealloc)?;
+        let started = Instant::now();
         (&*self.file.file).write_all(&self.buf)?;
+        self.metrics.journal_write_seconds.observe(started.elapsed().as_secs_f64());
         self.file.offset += len;
         self.metrics.journal_groups.inc();
         Ok(())
@@ -403,13 +408,18 @@ impl Syncer {
                     synced.push((g.file_id, r));
                 }
             }
+            let now = Instant::now();
             for g in groups.drain(..) {
                 let synced = synced.iter().find(|(id, _)| *id == g.file_id).map(|(_, r)| r);
-                for (done, result) in g.outcomes {
-                    done(match (result, synced) {
+                for (done, result, queued) in g.outcomes {
+                    let result = match (result, synced) {
                         (Ok(_), Some(Err(e))) => Err(e.clone()),
                         (result, _) => result,
-                    });
+                    };
+                    if result.is_ok() {
+                        self.metrics.journal_record_seconds.observe(now.duration_since(queued).as_secs_f64());
+                    }
+                    done(result);
                 }
             }
         }

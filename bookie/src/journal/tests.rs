@@ -213,9 +213,29 @@ fn rotation_syncs_the_old_file_only_when_fsync_is_on() {
     }
 }
 
+#[test]
+fn every_durable_record_and_every_group_write_is_timed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = Arc::new(Metrics::new());
+    let j = Journal::start(dir.path(), 1, rotating_config(), metrics.clone()).expect("start");
+    let done = append_all(&j, &records(100, 1000));
+    j.shutdown();
+    assert!(done.iter().all(|(_, r)| r.is_ok()));
+    assert_eq!(count(&metrics, "journal_record_seconds"), 100, "one observation per durable record");
+    let groups = count(&metrics, "journal_groups_total");
+    assert!(groups > 1, "records of 1000 bytes in groups of at most 2 KiB: {groups} groups");
+    assert_eq!(count(&metrics, "journal_write_seconds"), groups, "one observation per group write");
+}
+
 /// The number of journal fdatasyncs the metrics recorded.
 fn fsync_count(metrics: &Metrics) -> u64 {
+    count(metrics, "journal_fsync_seconds")
+}
+
+/// A counter's value, or a histogram's count, in the rendered metrics.
+fn count(metrics: &Metrics, name: &str) -> u64 {
     let text = metrics.render();
-    let line = text.lines().find(|l| l.starts_with("magnetar_bookie_journal_fsync_seconds_count ")).expect("metric");
+    let name = name.strip_suffix("_total").map_or(format!("{name}_count "), |c| format!("{c}_total "));
+    let line = text.lines().find(|l| l.starts_with(&format!("magnetar_bookie_{name}"))).expect("metric");
     line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count")
 }

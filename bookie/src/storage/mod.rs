@@ -179,6 +179,7 @@ impl Storage {
 
     /// Stores an encoded entry; resolves once it is durable in the journal.
     pub async fn add(self: &Arc<Self>, flags: u8, raw: Bytes) -> Result<(u64, u64), StorageError> {
+        let started = Instant::now();
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(StorageError::ShuttingDown);
         }
@@ -237,6 +238,7 @@ impl Storage {
         }
         let out = rx.await.map_err(|_| StorageError::ShuttingDown)?;
         if out.is_ok() {
+            self.metrics.add_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.adds.inc();
             self.metrics.add_bytes.inc_by(len);
         } else {
