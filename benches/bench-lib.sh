@@ -219,6 +219,7 @@ timed_cpu() {
 # benchmark it shows the scheduling delay every thread of that run was exposed to (hypervisor
 # preemption and steal included). `sched_probe_stop OUT` stops it and writes
 # "p99 X ms, p99.9 Y ms, max Z ms" (over all cores' wake-ups) to OUT.line, or why it could not.
+SCHED_PROBE_CMD="cyclictest --threads=$(nproc) --affinity --interval=1000 --quiet --histogram=100000"
 sched_probe_start() { # OUT
   SCHED_PID=""
   command -v cyclictest >/dev/null ||
@@ -227,8 +228,7 @@ sched_probe_start() { # OUT
     echo "not measured (cyclictest could not be installed)" > "$1.line"
     return 0
   fi
-  cyclictest --threads="$(nproc)" --affinity --interval=1000 --quiet --histogram=100000 \
-    > "$1.txt" 2> "$1.err" &
+  $SCHED_PROBE_CMD > "$1.txt" 2> "$1.err" &
   SCHED_PID=$!
 }
 sched_probe_stop() { # OUT

@@ -26,14 +26,13 @@ for t in quic tcp; do
   "$BIN" perf loopback --transport "$t" --time 5 --json "$WORK/loopback-$t.json"
 done
 QUIC_MBS=$(jq '.mb_per_sec * 10 | floor / 10' "$WORK/loopback-quic.json")
+TCP_MBS=$(jq '.mb_per_sec * 10 | floor / 10' "$WORK/loopback-tcp.json")
 # The scheduling floor: how late an idle machine wakes a thread that sleeps 1 ms (each latency run
 # below measures the same beside it).
-SCHED_CMD="cyclictest --threads=$(nproc) --affinity --interval=1000 --quiet --histogram=100000"
-echo "== baseline: $SCHED_CMD, 10 s at rest"
+echo "== baseline: $SCHED_PROBE_CMD, 10 s at rest"
 sched_probe_start "$WORK/sched-rest"; sleep 10; sched_probe_stop "$WORK/sched-rest"
 SCHED_REST=$(cat "$WORK/sched-rest.line")
 echo "   $SCHED_REST"
-TCP_MBS=$(jq '.mb_per_sec * 10 | floor / 10' "$WORK/loopback-tcp.json")
 
 # The memory bounds, written out so that the table states what was configured (the defaults).
 WRITE_CACHE_MB=256; ENTRY_CACHE_MB=128; PUBLISH_MEM_MB=128
@@ -160,7 +159,7 @@ DATE=$(date -u +%Y-%m-%d)
 DISK=$(df -h "$WORK" | awk 'NR==2{print $1}')
 CMD_BLOCK=$(printf '%s\n' "magnetar perf loopback --transport quic --time 5 --json $WORK/loopback-quic.json" \
   "magnetar perf loopback --transport tcp --time 5 --json $WORK/loopback-tcp.json" \
-  "$SCHED_CMD   # 10 s at rest, then beside each magnetar perf run" \
+  "$SCHED_PROBE_CMD   # 10 s at rest, then beside each magnetar perf run" \
   "$STANDALONE_CMD" "${CMDS[@]}")
 
 SECTION=$(cat <<MD

@@ -193,17 +193,24 @@ fn healthy(address: SocketAddr) -> bool {
 fn member_names(address: SocketAddr) -> io::Result<Vec<String>> {
     let request = "POST /v3/cluster/member/list HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}";
     let response = exchange(address, request, PROBE_TIMEOUT)?;
-    let mut names = Vec::new();
-    let mut rest = response.as_str();
-    while let Some(at) = rest.find("\"name\":\"") {
-        rest = &rest[at + "\"name\":\"".len()..];
-        let end = rest.find('"').ok_or_else(|| io::Error::other(format!("bad member list: {response:.300}")))?;
-        names.push(rest[..end].to_string());
-    }
+    let names = values_between(&response, "\"name\":\"", "\"");
     if names.is_empty() {
         return Err(io::Error::other(format!("no members in the member list: {response:.300}")));
     }
     Ok(names)
+}
+
+/// The text between every `open` and the next `close` in `text`, in order (no nesting).
+fn values_between(text: &str, open: &str, close: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(open) {
+        let after = &rest[start + open.len()..];
+        let Some(end) = after.find(close) else { break };
+        out.push(after[..end].to_string());
+        rest = &after[end + close.len()..];
+    }
+    out
 }
 
 /// One HTTP/1.0 exchange on a new connection: writes `request`, reads the response to its end.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Signal, exchange, signal_child};
+use super::{Signal, exchange, signal_child, values_between};
 
 /// Environment variable naming the `moto_server` binary (set by `scripts/test.sh`).
 pub const MOTO_SERVER_ENV: &str = "MAGNETAR_MOTO_SERVER";
@@ -63,13 +63,13 @@ impl S3Server {
     /// Waits for the port in the log, then for an answer on it.
     fn wait_ready(&mut self, log_path: &Path) -> io::Result<()> {
         let deadline = Instant::now() + START_DEADLINE;
+        let log = || std::fs::read_to_string(log_path).unwrap_or_default();
         loop {
-            let log = std::fs::read_to_string(log_path).unwrap_or_default();
             if let Some(status) = self.child.try_wait()? {
-                return Err(io::Error::other(format!("moto_server exited with {status} at start:\n{log}")));
+                return Err(io::Error::other(format!("moto_server exited with {status} at start:\n{}", log())));
             }
             if self.port == 0 {
-                self.port = listening_port(&log).unwrap_or(0);
+                self.port = listening_port(&log()).unwrap_or(0);
             }
             if self.port != 0 && self.request("GET", "/").is_ok_and(|(status, _)| status == 200) {
                 return Ok(());
@@ -77,7 +77,7 @@ impl S3Server {
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("moto_server did not answer within {START_DEADLINE:?}:\n{log}"),
+                    format!("moto_server did not answer within {START_DEADLINE:?}:\n{}", log()),
                 ));
             }
             std::thread::sleep(POLL_EVERY);
@@ -206,16 +206,7 @@ fn find_moto_server() -> io::Result<PathBuf> {
 
 /// The text of every `<tag>…</tag>` in `xml` (no nesting, no entities beyond what keys use).
 fn xml_values(xml: &str, tag: &str) -> Vec<String> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        let after = &rest[start + open.len()..];
-        let Some(end) = after.find(&close) else { break };
-        out.push(after[..end].to_string());
-        rest = &after[end + close.len()..];
-    }
-    out
+    values_between(xml, &format!("<{tag}>"), &format!("</{tag}>"))
 }
 
 #[cfg(test)]
