@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnetar_bookie::client::{AutoRecovery, LedgerClient, LedgerError};
+use magnetar_bookie::client::{AutoRecovery, LedgerClient, LedgerError, LocalBookie};
 use magnetar_common::metadata::SharedStore;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -50,9 +50,19 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on `store` (the config's `metadata_url` is for the caller to connect).
     pub async fn start(config: BrokerConfig, store: SharedStore) -> Result<Self, StartError> {
+        Self::start_with_local_bookies(config, store, Vec::new()).await
+    }
+
+    /// Starts a broker that reaches the given bookies of this process without a socket
+    /// (`magnetar standalone`); other bookies are reached over TCP as usual.
+    pub async fn start_with_local_bookies(
+        config: BrokerConfig,
+        store: SharedStore,
+        local: Vec<LocalBookie>,
+    ) -> Result<Self, StartError> {
         let cert = tls::cert_files(&config.tls_cert_file, &config.tls_key_file, &config.data_dir.join("tls"))?;
         let server_tls = tls::server_config(&cert)?;
-        let ledgers = LedgerClient::new(store.clone(), config.ledger_client.clone()).await?;
+        let ledgers = LedgerClient::with_local_bookies(store.clone(), config.ledger_client.clone(), local).await?;
         let metrics = Arc::new(Metrics::new());
         // Re-replicates copies lost with dead bookies; one broker of the cluster at a time audits.
         let autorecovery = config

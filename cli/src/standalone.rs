@@ -62,7 +62,8 @@ pub async fn run(args: StandaloneArgs) -> anyhow::Result<()> {
     broker.ledger.ensemble_size = 1;
     broker.ledger.write_quorum = 1;
     broker.ledger.ack_quorum = 1;
-    let broker = match Broker::start(broker, store.clone()).await {
+    // The broker reaches its bookie in this process directly, not over loopback TCP.
+    let broker = match Broker::start_with_local_bookies(broker, store.clone(), vec![bookie.local()]).await {
         Ok(b) => b,
         Err(e) => {
             bookie.shutdown().await;

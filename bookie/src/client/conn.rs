@@ -1,6 +1,10 @@
 //! Pipelined connections to bookies: one TCP connection per bookie, many requests in flight,
 //! responses matched by request id. A broken connection fails its pending requests and is
 //! replaced on the next request.
+//!
+//! A bookie in the same process (`magnetar standalone`) is reached through a [`LocalBookie`]
+//! instead: requests go to its storage without a socket, so entries are handed over as they
+//! are, with no encoding, copying or loopback traffic (BookKeeper's local transport).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,10 +14,12 @@ use bytes::BytesMut;
 use magnetar_common::bookie_proto::{self, Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::debug;
 
 use super::LedgerError;
+use crate::server::tcp::{self, MAX_IN_FLIGHT};
+use crate::storage::Storage;
 
 type ReplyTx = oneshot::Sender<Result<Reply, LedgerError>>;
 
@@ -30,6 +36,64 @@ pub struct BookieConn {
     conn: tokio::sync::Mutex<Option<Conn>>,
     connect_timeout: Duration,
     max_frame: usize,
+    local: Option<LocalConn>,
+}
+
+/// A bookie running in this process, reached without a socket. Requests are executed by the
+/// same code as the TCP server's, with the same in-flight bound per client, and fail the same
+/// way (a storage error becomes [`LedgerError::Bookie`] with the status the bookie would send).
+#[derive(Debug, Clone)]
+pub struct LocalBookie {
+    bookie_id: String,
+    storage: Arc<Storage>,
+}
+
+impl LocalBookie {
+    pub(crate) fn new(bookie_id: String, storage: Arc<Storage>) -> Self {
+        Self { bookie_id, storage }
+    }
+
+    pub fn bookie_id(&self) -> &str {
+        &self.bookie_id
+    }
+}
+
+/// One client's handle on a local bookie.
+#[derive(Debug)]
+struct LocalConn {
+    bookie: LocalBookie,
+    in_flight: Arc<Semaphore>,
+}
+
+impl LocalConn {
+    async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, LedgerError> {
+        let bookie = &self.bookie.bookie_id;
+        let run = async {
+            let permit = self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| LedgerError::Unavailable(format!("bookie {bookie}: client closed")))?;
+            let storage = self.bookie.storage.clone();
+            // Its own task, as on the TCP server: a caller that gives up does not cancel a
+            // request half-way through.
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                tcp::handle(&storage, request).await
+            });
+            task.await.map_err(|e| LedgerError::Unavailable(format!("bookie {bookie}: request failed: {e}")))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => {
+                let e = e.to_reply();
+                Err(LedgerError::Bookie { bookie: bookie.clone(), status: e.status, message: e.message })
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LedgerError::Unavailable(format!("bookie {bookie}: no answer within {timeout:?}"))),
+        }
+    }
 }
 
 impl BookieConn {
@@ -41,7 +105,15 @@ impl BookieConn {
             connect_timeout,
             // Replies carry entries up to the largest max_entry_bytes a bookie may configure.
             max_frame: crate::config::MAX_ENTRY_BYTES_LIMIT as usize + (1 << 20),
+            local: None,
         }
+    }
+
+    /// A connection to a bookie in this process.
+    pub(crate) fn local(bookie: LocalBookie) -> Self {
+        let mut conn = Self::new(bookie.bookie_id.clone(), String::new(), Duration::ZERO);
+        conn.local = Some(LocalConn { bookie, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) });
+        conn
     }
 
     pub fn set_address(&self, address: &str) {
@@ -57,6 +129,9 @@ impl BookieConn {
 
     /// Sends a request and waits for its response, at most `timeout`.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, LedgerError> {
+        if let Some(local) = &self.local {
+            return local.call(request, timeout).await;
+        }
         let rx = {
             let mut guard = self.conn.lock().await;
             let alive = guard.as_ref().is_some_and(|c| !c.tx.is_closed());

@@ -32,6 +32,8 @@ pub use reader::LedgerReader;
 pub use registry::BookieRegistry;
 pub use writer::LedgerWriter;
 
+pub use conn::LocalBookie;
+
 use conn::BookieConn;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -148,8 +150,20 @@ pub struct LedgerClient {
 impl LedgerClient {
     /// Starts a client: watches the live bookies in `store`.
     pub async fn new(store: SharedStore, config: LedgerClientConfig) -> Result<Self, LedgerError> {
+        Self::with_local_bookies(store, config, Vec::new()).await
+    }
+
+    /// Starts a client that reaches the given bookies of this process without a socket (see
+    /// [`LocalBookie`]) and all others over TCP. Which bookies a ledger uses is still decided
+    /// by the registrations in `store`.
+    pub async fn with_local_bookies(
+        store: SharedStore,
+        config: LedgerClientConfig,
+        local: Vec<LocalBookie>,
+    ) -> Result<Self, LedgerError> {
         let registry = BookieRegistry::start(store.clone()).await?;
-        Ok(Self { shared: Arc::new(Shared { store, registry, conns: Mutex::new(HashMap::new()), config }) })
+        let conns = local.into_iter().map(|b| (b.bookie_id().to_string(), Arc::new(BookieConn::local(b)))).collect();
+        Ok(Self { shared: Arc::new(Shared { store, registry, conns: Mutex::new(conns), config }) })
     }
 
     pub fn registry(&self) -> &BookieRegistry {

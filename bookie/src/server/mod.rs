@@ -147,6 +147,12 @@ impl BookieServer {
         &self.storage
     }
 
+    /// This bookie as seen by a ledger client in the same process: requests reach its storage
+    /// without going through the TCP server.
+    pub fn local(&self) -> crate::client::LocalBookie {
+        crate::client::LocalBookie::new(self.bookie_id.clone(), self.storage.clone())
+    }
+
     /// Stops serving, deregisters, drains the journal and flushes.
     pub async fn shutdown(self) {
         self.cancel.cancel();

@@ -16,7 +16,7 @@ use crate::error::StorageError;
 use crate::storage::Storage;
 
 /// Most requests one connection may have in flight; beyond it the connection is not read.
-const MAX_IN_FLIGHT: usize = 4096;
+pub(crate) const MAX_IN_FLIGHT: usize = 4096;
 /// Initial (and minimum) allocation for reading requests.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// Most bytes one range read returns (at least one entry is always returned).
