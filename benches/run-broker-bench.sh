@@ -169,7 +169,8 @@ SECTION=$(cat <<MD
 Produced by \`benches/run-broker-bench.sh\` on $DATE; machine: $CORES cores, $MEM GiB memory,
 journal, entry logs and the dd baseline on the same disk ($DISK). Release build, fsync on, one
 fresh \`magnetar standalone\` (ensemble, write and ack quorum 1: a publish is acknowledged once the
-one bookie has fdatasync'd it), \`magnetar perf\` on the same machine over QUIC on loopback, TLS on.
+one bookie has fdatasync'd it; the broker hands entries to that bookie within the process, not over
+TCP), \`magnetar perf\` on the same machine over QUIC on loopback, TLS on.
 
 - Produce, 1 KiB messages, as fast as acknowledged: $MB1K MB/s ($OPS1K msg/s); $(pct "$MB1K" "$DD_MBS") of dd
   conv=fdatasync ($DD_MBS MB/s, median of$DD_ALL), $(pct "$MB1K" "$QUIC_MBS") of a raw QUIC stream ($QUIC_MBS MB/s; raw TCP
