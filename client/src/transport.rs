@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use magnetar_common::wire::{self, Frame};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -39,6 +39,9 @@ pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// A batch at least this large is written without being copied into the frame buffer; smaller
+/// ones cost less to copy than to pass as a chunk of their own.
+const ZERO_COPY_MIN_BYTES: usize = 4 * 1024;
 
 /// Makes connections to brokers: the TLS settings (read once) and the timeouts.
 #[derive(Debug, Clone)]
@@ -290,22 +293,38 @@ enum RecvHalf {
 #[derive(Debug)]
 pub(crate) struct FrameWriter {
     half: SendHalf,
+    /// Encoded frame headers and small frames.
     buf: BytesMut,
+    /// What one write hands to the stream: slices of `buf` and batches as they are.
+    chunks: Vec<Bytes>,
 }
 
 impl FrameWriter {
     fn new(half: SendHalf) -> Self {
-        FrameWriter { half, buf: BytesMut::new() }
+        FrameWriter { half, buf: BytesMut::new(), chunks: Vec::new() }
     }
 
-    /// Encodes `frames` into one buffer and writes it. Not cancel-safe: run it in one task.
+    /// Writes `frames` with one write. Frame headers and small frames are encoded together;
+    /// a batch of at least [`ZERO_COPY_MIN_BYTES`] is handed to QUIC as the shared buffer it
+    /// already is, not copied. Not cancel-safe: run it in one task.
     pub async fn write_frames(&mut self, frames: &[Frame]) -> Result<(), Error> {
         self.buf.clear();
+        self.chunks.clear();
         for f in frames {
-            f.encode(&mut self.buf);
+            match f {
+                Frame::Send { sequence_id, num_messages, payload } if payload.len() >= ZERO_COPY_MIN_BYTES => {
+                    wire::encode_send_header(*sequence_id, *num_messages, payload.len(), &mut self.buf);
+                    self.chunks.push(self.buf.split().freeze());
+                    self.chunks.push(payload.clone());
+                }
+                f => f.encode(&mut self.buf),
+            }
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
         }
         let result = match &mut self.half {
-            SendHalf::Quic(s) => s.write_all(&self.buf).await.map_err(|e| match e {
+            SendHalf::Quic(s) => s.write_all_chunks(&mut self.chunks).await.map_err(|e| match e {
                 quinn::WriteError::Stopped(code) => {
                     Error::ConnectionLost(format!("the broker stopped reading the stream (code {code})"))
                 }
@@ -315,9 +334,17 @@ impl FrameWriter {
             #[cfg(test)]
             SendHalf::Memory(s) => {
                 use tokio::io::AsyncWriteExt;
-                s.write_all(&self.buf).await.map_err(|e| Error::ConnectionLost(format!("write to the broker: {e}")))
+                let mut result = Ok(());
+                for c in &self.chunks {
+                    if let Err(e) = s.write_all(c).await {
+                        result = Err(Error::ConnectionLost(format!("write to the broker: {e}")));
+                        break;
+                    }
+                }
+                result
             }
         };
+        self.chunks.clear();
         // Keep a modest buffer around, not the largest batch ever written.
         if self.buf.capacity() > 2 * COALESCE_BYTES {
             self.buf = BytesMut::new();
@@ -563,8 +590,15 @@ mod tests {
     async fn frames_cross_a_stream_and_the_end_is_seen() {
         let ((client_w, _client_r), (_broker_w, mut broker_r)) = memory_stream_pair();
         let (outbox, writer) = spawn_writer(client_w, Duration::from_secs(1));
-        let frames: Vec<Frame> = (0..100)
-            .map(|i| Frame::Send { sequence_id: i, num_messages: 1, payload: Bytes::from(vec![i as u8; 5000]) })
+        // Batches on both sides of the size written without a copy, between other frames.
+        let frames: Vec<Frame> = (0..100u64)
+            .map(|i| match i as usize % 5 {
+                4 => Frame::Flow { permits: i as u32 },
+                k => {
+                    let len = [100, ZERO_COPY_MIN_BYTES - 1, ZERO_COPY_MIN_BYTES, 70_000][k];
+                    Frame::Send { sequence_id: i, num_messages: 1, payload: Bytes::from(vec![i as u8; len]) }
+                }
+            })
             .collect();
         assert!(outbox.send_all(frames.clone()));
         let finish = tokio::spawn({
