@@ -95,7 +95,13 @@ pub(crate) async fn attach(client: &Client, spec: &AttachSpec, deadline: Instant
             return Err(give_up(spec, attempts, started, Some(e)));
         }
         let broker = broker.map(|b| b.to_string()).unwrap_or_default();
-        info!(topic = %spec.topic, what = spec.what, broker, attempt = attempts, cause = %e, retry_in = ?delay, "attach failed; retrying");
+        // The first failure is news; the retries after it (every backoff step while a broker
+        // restarts) are not, until the outcome: "attached" or the error that gives up.
+        if attempts == 1 {
+            info!(topic = %spec.topic, what = spec.what, broker, cause = %e, retry_in = ?delay, "attach failed; retrying");
+        } else {
+            debug!(topic = %spec.topic, what = spec.what, broker, attempt = attempts, cause = %e, retry_in = ?delay, "attach failed; retrying");
+        }
         last = Some(e);
         tokio::time::sleep(delay).await;
     }
