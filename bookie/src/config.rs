@@ -75,6 +75,11 @@ pub struct StorageConfig {
     /// Entry logs whose live share falls below this are compacted (0 disables compaction;
     /// fully dead logs are always deleted).
     pub compaction_threshold: f64,
+    /// How often the bookie looks for ledgers it stores whose metadata is gone (deleted while
+    /// this bookie was down or unreachable) or says they live in object storage only, and
+    /// deletes its copies; the first sweep runs one interval after start. `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub orphan_sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +135,7 @@ impl Default for StorageConfig {
             entry_log_max_bytes: ByteSize::gib(1),
             gc_interval: Duration::from_secs(60),
             compaction_threshold: 0.5,
+            orphan_sweep_interval: Duration::from_secs(3600),
         }
     }
 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub read_only: Gauge,
     pub entry_log_bytes: Gauge,
     pub gc_reclaimed_bytes: Counter,
+    pub orphan_ledgers_deleted: Counter,
 }
 
 impl Metrics {
@@ -55,6 +56,7 @@ impl Metrics {
             read_only: Gauge::default(),
             entry_log_bytes: Gauge::default(),
             gc_reclaimed_bytes: Counter::default(),
+            orphan_ledgers_deleted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("adds", "Entries added and acknowledged", m.adds.clone());
@@ -88,6 +90,11 @@ impl Metrics {
         registry.register("read_only", "1 when the bookie refuses writes", m.read_only.clone());
         registry.register("entry_log_bytes", "Bytes in entry log files", m.entry_log_bytes.clone());
         registry.register("gc_reclaimed_bytes", "Bytes reclaimed from entry logs", m.gc_reclaimed_bytes.clone());
+        registry.register(
+            "orphan_ledgers_deleted",
+            "Ledgers deleted from this bookie because their metadata was gone or said object storage only",
+            m.orphan_ledgers_deleted.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -229,9 +229,8 @@ impl LedgerClient {
         bookies.sort();
         bookies.dedup();
         for b in bookies {
-            // A bookie that is down keeps the ledger's data (reclaiming it from bookies that
-            // missed the delete is not implemented yet); the metadata is what makes the ledger
-            // gone for readers.
+            // A bookie that is down keeps the ledger's data until its orphan sweep finds the
+            // metadata gone; the metadata is what makes the ledger gone for readers.
             if let Err(e) = self.shared.call(b, Request::Delete { ledger_id }, self.shared.config.read_timeout).await {
                 tracing::warn!(ledger_id, bookie = %b, error = %e, "delete ledger on bookie");
             }
@@ -247,7 +246,8 @@ impl LedgerClient {
 
     /// Deletes a ledger's entries from its bookies, keeping its metadata: for a ledger whose
     /// metadata already says its copies are deleted (it lives in object storage). A bookie that
-    /// is down keeps its copy (as with [`Self::delete`]); the metadata is what readers follow.
+    /// is down keeps its copy until its orphan sweep (as with [`Self::delete`]); the metadata is
+    /// what readers follow.
     /// Returns the bookies that did not confirm.
     pub async fn delete_bookie_copies(&self, md: &LedgerMetadata) -> Vec<String> {
         let ledger_id = md.ledger_id;

@@ -142,6 +142,17 @@ impl Index {
         }))
     }
 
+    /// Every ledger with a record here (flushed entries or a fence), ascending.
+    pub fn ledger_ids(&self) -> Result<Vec<u64>> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(LEDGERS).map_err(e)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(e)? {
+            out.push(item.map_err(e)?.0.value());
+        }
+        Ok(out)
+    }
+
     pub fn set_fenced(&self, ledger: u64) -> Result<()> {
         let tx = self.db.begin_write().map_err(e)?;
         {

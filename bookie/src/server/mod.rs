@@ -2,6 +2,7 @@
 //! disk monitor, and registration in the metadata store under a lease so writers see it.
 
 mod http;
+mod sweep;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -130,6 +131,12 @@ impl BookieServer {
                 error!(error = %e, "HTTP server stopped");
             }
         }));
+        tasks.push(tokio::spawn(sweep::run(
+            store.clone(),
+            storage.clone(),
+            cfg.storage.orphan_sweep_interval,
+            cancel.clone(),
+        )));
         tasks.push(tokio::spawn(keep_registered(
             store,
             reg,

@@ -151,6 +151,15 @@ impl Storage {
         &self.metrics
     }
 
+    /// Ledgers stored here (with flushed entries or a fence record), ascending, without those
+    /// being deleted. Entries still only in the journal and write cache are not seen.
+    pub fn stored_ledgers(&self) -> Result<Vec<u64>, StorageError> {
+        let mut ids = self.index.ledger_ids()?;
+        let ledgers = lock(&self.ledgers);
+        ids.retain(|l| !ledgers.get(l).is_some_and(|s| s.deleted));
+        Ok(ids)
+    }
+
     fn max_entry(&self) -> usize {
         self.cfg.max_entry_bytes.as_u64() as usize
     }
