@@ -710,6 +710,7 @@ impl Storage {
             return Ok(());
         }
         let start = Instant::now();
+        let mut written = Duration::ZERO;
         let mut batch = FlushBatch::default();
         if let Some(snap) = &snapshot {
             let deleted = self.deleted_among(snap.keys().map(|k| k.0));
@@ -719,8 +720,10 @@ impl Storage {
                 Some(p) => p.wrote(len, || self.cache_pressure(), || self.entry_log.settle()),
                 None => Ok(()),
             })?;
+            written = start.elapsed();
             self.entry_log.sync()?;
         }
+        let synced = start.elapsed();
         {
             let _g = lock(&self.flush_lock);
             let deleted = self.deleted_among(batch.ledgers.keys().copied());
@@ -731,6 +734,7 @@ impl Storage {
             }
             self.index.commit_flush(&batch, checkpoint)?;
         }
+        let committed = start.elapsed();
         {
             let mut c = lock(&self.cache);
             c.flushing = None;
@@ -745,13 +749,26 @@ impl Storage {
         if let Ok(sizes) = self.entry_log.sizes() {
             self.metrics.entry_log_bytes.set(sizes.iter().map(|(_, s)| *s as i64).sum());
         }
-        tracing::debug!(entries = batch.locations.len(), bytes, trimmed, ?checkpoint, "flushed write cache");
+        let trimmed_at = start.elapsed();
         if snapshot.is_some() {
             drop(snapshot); // the last reference: the flushed entries are freed here
             if let Some(hook) = AFTER_FLUSH.get() {
                 hook();
             }
         }
+        // Where the flush's time went, each phase ending at the given time since its start.
+        tracing::debug!(
+            entries = batch.locations.len(),
+            bytes,
+            trimmed,
+            ?checkpoint,
+            ?written,
+            ?synced,
+            ?committed,
+            ?trimmed_at,
+            freed = ?start.elapsed(),
+            "flushed write cache"
+        );
         Ok(())
     }
 
