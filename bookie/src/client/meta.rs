@@ -157,20 +157,23 @@ pub async fn read(store: &SharedStore, ledger_id: u64) -> Result<(LedgerMetadata
     }
 }
 
+fn parse_counter(value: &[u8]) -> Result<u64, LedgerError> {
+    std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        LedgerError::Invalid(format!("{ID_COUNTER_KEY} holds {:?}, not a number", String::from_utf8_lossy(value)))
+    })
+}
+
+/// The highest ledger id this store has allocated (`None`: none yet).
+pub async fn last_allocated_id(store: &SharedStore) -> Result<Option<u64>, LedgerError> {
+    store.get(ID_COUNTER_KEY).await?.map(|v| parse_counter(&v.value)).transpose()
+}
+
 /// Allocates a new, never used ledger id.
 pub async fn allocate_id(store: &SharedStore) -> Result<u64, LedgerError> {
     loop {
         let cur = store.get(ID_COUNTER_KEY).await?;
         let (next, opts) = match &cur {
-            Some(v) => {
-                let n: u64 = std::str::from_utf8(&v.value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                    LedgerError::Invalid(format!(
-                        "{ID_COUNTER_KEY} holds {:?}, not a number",
-                        String::from_utf8_lossy(&v.value)
-                    ))
-                })?;
-                (n + 1, PutOptions::version(v.version))
-            }
+            Some(v) => (parse_counter(&v.value)? + 1, PutOptions::version(v.version)),
             None => (1, PutOptions::absent()),
         };
         match store.put(ID_COUNTER_KEY, Bytes::from(next.to_string()), opts).await {

@@ -11,7 +11,9 @@
 //! written before any of its entries (`LedgerClient::create`), so a ledger stored here that is
 //! missing from a later listing has been deleted. Before deleting, the sweep reads that ledger's
 //! key once more, so a listing that missed a key cannot make it delete live data. Metadata it
-//! cannot decode keeps the copy.
+//! cannot decode keeps the copy. And it sweeps only a store that allocated every ledger it
+//! holds (the store's ledger-id counter is at least the highest id stored here): pointed at the
+//! wrong store, or at one restored from an older backup, it deletes nothing and says why.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +56,19 @@ fn orphan_reason(md: Option<&[u8]>, ledger_id: u64) -> Option<&'static str> {
     }
 }
 
+/// Whether the store allocated every ledger stored here: its counter is the highest id it gave.
+fn check_counter(counter: Option<u64>, highest_stored: u64) -> Result<(), String> {
+    match counter {
+        Some(n) if n >= highest_stored => Ok(()),
+        _ => Err(format!(
+            "this bookie stores ledger {highest_stored} but the metadata store has allocated ledger ids only up to \
+             {}: it is not the store that created these ledgers (wrong metadata_url, or a store restored from an \
+             older backup); nothing deleted",
+            counter.map_or("none".to_string(), |n| n.to_string())
+        )),
+    }
+}
+
 /// One sweep; returns how many ledger copies it deleted.
 pub(crate) async fn sweep_once(store: &SharedStore, storage: &Arc<Storage>) -> Result<usize, String> {
     let s = storage.clone();
@@ -61,9 +76,9 @@ pub(crate) async fn sweep_once(store: &SharedStore, storage: &Arc<Storage>) -> R
         .await
         .map_err(|e| format!("list stored ledgers: {e}"))?
         .map_err(|e| format!("list stored ledgers: {e}"))?;
-    if local.is_empty() {
-        return Ok(0);
-    }
+    let Some(&highest) = local.iter().max() else { return Ok(0) };
+    let counter = meta::last_allocated_id(store).await.map_err(|e| format!("read the ledger-id counter: {e}"))?;
+    check_counter(counter, highest)?;
     let listed = store.list(LEDGERS_PREFIX).await.map_err(|e| format!("list ledger metadata: {e}"))?;
     let known: HashMap<u64, &[u8]> = listed
         .iter()
@@ -100,5 +115,15 @@ mod tests {
         assert!(orphan_reason(None, 7).is_some());
         // Unreadable metadata (a newer format, damage) keeps the copy.
         assert_eq!(orphan_reason(Some(b"{not json"), 7), None);
+    }
+
+    #[test]
+    fn a_store_that_did_not_allocate_the_stored_ledgers_is_not_swept() {
+        assert!(check_counter(Some(9), 9).is_ok());
+        assert!(check_counter(Some(100), 9).is_ok());
+        let e = check_counter(Some(8), 9).expect_err("counter below a stored ledger");
+        assert!(e.contains("stores ledger 9") && e.contains("up to 8") && e.contains("wrong metadata_url"), "{e}");
+        let e = check_counter(None, 9).expect_err("an empty store");
+        assert!(e.contains("up to none"), "{e}");
     }
 }
