@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use magnetar_common::bookie_proto::{self, Reply, Request};
+use magnetar_common::bookie_proto::{self, ErrorReply, Reply, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -32,11 +32,27 @@ struct Conn {
 #[derive(Debug)]
 pub struct BookieConn {
     pub bookie_id: String,
+    transport: Transport,
+}
+
+#[derive(Debug)]
+enum Transport {
+    Tcp(TcpConn),
+    Local(LocalConn),
+}
+
+/// The TCP connection to a bookie, made on first use and again after it broke.
+#[derive(Debug)]
+struct TcpConn {
     address: Mutex<String>,
     conn: tokio::sync::Mutex<Option<Conn>>,
     connect_timeout: Duration,
     max_frame: usize,
-    local: Option<LocalConn>,
+}
+
+/// The error a bookie's refusal becomes, whichever way it arrived.
+fn refused(bookie: &str, e: ErrorReply) -> LedgerError {
+    LedgerError::Bookie { bookie: bookie.to_string(), status: e.status, message: e.message }
 }
 
 /// A bookie running in this process, reached without a socket. Requests are executed by the
@@ -86,10 +102,7 @@ impl LocalConn {
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(e))) => {
-                let e = e.to_reply();
-                Err(LedgerError::Bookie { bookie: bookie.clone(), status: e.status, message: e.message })
-            }
+            Ok(Ok(Err(e))) => Err(refused(bookie, e.to_reply())),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(LedgerError::Unavailable(format!("bookie {bookie}: no answer within {timeout:?}"))),
         }
@@ -98,28 +111,30 @@ impl LocalConn {
 
 impl BookieConn {
     pub fn new(bookie_id: String, address: String, connect_timeout: Duration) -> Self {
-        Self {
-            bookie_id,
+        let tcp = TcpConn {
             address: Mutex::new(address),
             conn: tokio::sync::Mutex::new(None),
             connect_timeout,
             // Replies carry entries up to the largest max_entry_bytes a bookie may configure.
             max_frame: crate::config::MAX_ENTRY_BYTES_LIMIT as usize + (1 << 20),
-            local: None,
-        }
+        };
+        Self { bookie_id, transport: Transport::Tcp(tcp) }
     }
 
     /// A connection to a bookie in this process.
     pub(crate) fn local(bookie: LocalBookie) -> Self {
-        let mut conn = Self::new(bookie.bookie_id.clone(), String::new(), Duration::ZERO);
-        conn.local = Some(LocalConn { bookie, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) });
-        conn
+        let bookie_id = bookie.bookie_id.clone();
+        let local = LocalConn { bookie, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) };
+        Self { bookie_id, transport: Transport::Local(local) }
     }
 
+    /// Where the next TCP connection goes (a local bookie has no address).
     pub fn set_address(&self, address: &str) {
-        let mut a = self.address.lock().unwrap_or_else(|p| p.into_inner());
-        if *a != address {
-            *a = address.to_string();
+        if let Transport::Tcp(tcp) = &self.transport {
+            let mut a = tcp.address.lock().unwrap_or_else(|p| p.into_inner());
+            if *a != address {
+                *a = address.to_string();
+            }
         }
     }
 
@@ -129,14 +144,15 @@ impl BookieConn {
 
     /// Sends a request and waits for its response, at most `timeout`.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Reply, LedgerError> {
-        if let Some(local) = &self.local {
-            return local.call(request, timeout).await;
-        }
+        let tcp = match &self.transport {
+            Transport::Tcp(tcp) => tcp,
+            Transport::Local(local) => return local.call(request, timeout).await,
+        };
         let rx = {
-            let mut guard = self.conn.lock().await;
+            let mut guard = tcp.conn.lock().await;
             let alive = guard.as_ref().is_some_and(|c| !c.tx.is_closed());
             if !alive {
-                *guard = Some(self.connect().await?);
+                *guard = Some(self.connect(tcp).await?);
             }
             let (tx, rx) = oneshot::channel();
             let conn = guard.as_ref().ok_or_else(|| self.unavailable("not connected"))?;
@@ -153,16 +169,16 @@ impl BookieConn {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, LedgerError> {
-        let address = self.address.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&address)).await {
+    async fn connect(&self, tcp: &TcpConn) -> Result<Conn, LedgerError> {
+        let address = tcp.address.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stream = match tokio::time::timeout(tcp.connect_timeout, TcpStream::connect(&address)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(self.unavailable(format!("connect to {address}: {e}"))),
             Err(_) => return Err(self.unavailable(format!("connect to {address} timed out"))),
         };
         let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(stream, rx, self.bookie_id.clone(), self.max_frame));
+        tokio::spawn(run(stream, rx, self.bookie_id.clone(), tcp.max_frame));
         Ok(Conn { tx })
     }
 }
@@ -180,12 +196,7 @@ async fn run(stream: TcpStream, mut rx: mpsc::UnboundedReceiver<(Request, ReplyT
                     Ok(Some(resp)) => {
                         let tx = p2.lock().unwrap_or_else(|p| p.into_inner()).remove(&resp.request_id);
                         if let Some(tx) = tx {
-                            let result = resp.result.map_err(|e| LedgerError::Bookie {
-                                bookie: bookie2.clone(),
-                                status: e.status,
-                                message: e.message,
-                            });
-                            let _ = tx.send(result);
+                            let _ = tx.send(resp.result.map_err(|e| refused(&bookie2, e)));
                         }
                     }
                     Ok(None) => break,
