@@ -91,8 +91,10 @@ async fn copies_of_deleted_and_offloaded_ledgers_are_swept_and_the_rest_stays() 
     set_offload(&client, offloaded_gone, true).await;
     set_offload(&client, offloaded_kept, false).await;
 
+    // A deletion is counted just after the copy is gone: wait for both.
     wait_for("the orphans swept", || {
         storage.stored_ledgers().is_ok_and(|l| !l.contains(&deleted_meta) && !l.contains(&offloaded_gone))
+            && storage.metrics().orphan_ledgers_deleted.get() >= 2
     })
     .await;
     let conn = BookieConn::new("sweeper".into(), bookie.address.to_string(), T);
