@@ -16,6 +16,10 @@ pub struct ConnectArgs {
     /// without this flag.
     #[arg(long, value_name = "FILE", env = "MAGNETAR_TLS_TRUST_CERT")]
     pub tls_trust_cert: Option<PathBuf>,
+    /// Name to check the broker's certificate against instead of the URL's host: for a
+    /// certificate that names the broker's DNS name while you connect by address.
+    #[arg(long, value_name = "NAME", env = "MAGNETAR_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 impl ConnectArgs {
@@ -25,11 +29,11 @@ impl ConnectArgs {
             None => find_local_cert(&self.url)
                 .with_context(|| format!("no certificate to trust for {}: pass --tls-trust-cert FILE", self.url))?,
         };
-        Client::builder(&self.url)
-            .tls_trust_cert(cert)
-            .build()
-            .await
-            .with_context(|| format!("connect to {}", self.url))
+        let mut builder = Client::builder(&self.url).tls_trust_cert(cert);
+        if let Some(name) = &self.tls_server_name {
+            builder = builder.server_name(name);
+        }
+        builder.build().await.with_context(|| format!("connect to {}", self.url))
     }
 }
 

@@ -60,7 +60,14 @@ impl Broker {
         store: SharedStore,
         local: Vec<LocalBookie>,
     ) -> Result<Self, StartError> {
-        let cert = tls::cert_files(&config.tls_cert_file, &config.tls_key_file, &config.data_dir.join("tls"))?;
+        let advertised = config.advertised_quic().ok();
+        let advertised_host = advertised.as_deref().and_then(tls::host_of);
+        let cert = tls::cert_files(
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            &config.data_dir.join("tls"),
+            advertised_host,
+        )?;
         let server_tls = tls::server_config(&cert)?;
         let ledgers = LedgerClient::with_local_bookies(store.clone(), config.ledger_client.clone(), local).await?;
         let metrics = Arc::new(Metrics::new());

@@ -30,8 +30,10 @@ pub struct CertFiles {
     pub self_signed: bool,
 }
 
-/// The configured files, or a self-signed pair under `dir` (created when missing).
-pub fn cert_files(cert: &Path, key: &Path, dir: &Path) -> Result<CertFiles, TlsError> {
+/// The configured files, or a self-signed pair under `dir` (created when missing) naming
+/// localhost, 127.0.0.1, ::1 and `advertised_host` (the host clients are told to connect to).
+/// A pair generated earlier is kept as it is: clients may already trust it.
+pub fn cert_files(cert: &Path, key: &Path, dir: &Path, advertised_host: Option<&str>) -> Result<CertFiles, TlsError> {
     if !cert.as_os_str().is_empty() {
         return Ok(CertFiles { cert: cert.to_path_buf(), key: key.to_path_buf(), self_signed: false });
     }
@@ -39,13 +41,25 @@ pub fn cert_files(cert: &Path, key: &Path, dir: &Path) -> Result<CertFiles, TlsE
     let key = dir.join("key.pem");
     if !(cert.exists() && key.exists()) {
         std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_path_buf(), source })?;
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        if let Some(host) = advertised_host.map(str::to_ascii_lowercase)
+            && !names.contains(&host)
+        {
+            names.push(host);
+        }
         let generated = rcgen::generate_simple_self_signed(names)
             .map_err(|e| TlsError::Invalid(format!("generate a self-signed certificate: {e}")))?;
         write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
         std::fs::write(&cert, generated.cert.pem()).map_err(|source| TlsError::Write { path: cert.clone(), source })?;
     }
     Ok(CertFiles { cert, key, self_signed: true })
+}
+
+/// The host of a `host:port` address (an IPv6 address without its brackets).
+pub fn host_of(addr: &str) -> Option<&str> {
+    let (host, _port) = addr.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty()).then_some(host)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
@@ -105,12 +119,48 @@ mod tests {
     #[test]
     fn self_signed_certificate_is_generated_once_and_loads() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = cert_files(Path::new(""), Path::new(""), dir.path()).expect("generate");
+        let files = cert_files(Path::new(""), Path::new(""), dir.path(), None).expect("generate");
         assert!(files.self_signed);
         let first = std::fs::read(&files.cert).expect("cert");
         server_config(&files).expect("server config");
-        let again = cert_files(Path::new(""), Path::new(""), dir.path()).expect("reuse");
+        let again = cert_files(Path::new(""), Path::new(""), dir.path(), Some("10.1.2.3")).expect("reuse");
         assert_eq!(std::fs::read(&again.cert).expect("cert"), first, "kept, not regenerated");
+    }
+
+    /// Whether a client trusting the self-signed certificate accepts it for `name`.
+    fn valid_for(files: &CertFiles, name: &str) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        let cert = load_certs(&files.cert).expect("cert").remove(0);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.clone()).expect("trust it");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .expect("verifier");
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("server name");
+        verifier.verify_server_cert(&cert, &[], &name, &[], rustls::pki_types::UnixTime::now()).is_ok()
+    }
+
+    #[test]
+    fn self_signed_certificate_names_loopback_and_the_advertised_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = cert_files(Path::new(""), Path::new(""), dir.path(), Some("10.1.2.3")).expect("generate");
+        for name in ["localhost", "127.0.0.1", "::1", "10.1.2.3"] {
+            assert!(valid_for(&files, name), "{name}");
+        }
+        assert!(!valid_for(&files, "10.1.2.4"), "an address it does not name");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = cert_files(Path::new(""), Path::new(""), dir.path(), Some("Broker-0.Magnetar")).expect("generate");
+        assert!(valid_for(&files, "broker-0.magnetar"));
+    }
+
+    #[test]
+    fn host_of_strips_the_port_and_brackets() {
+        assert_eq!(host_of("10.1.2.3:6650"), Some("10.1.2.3"));
+        assert_eq!(host_of("[::1]:6650"), Some("::1"));
+        assert_eq!(host_of("broker-0.magnetar:6650"), Some("broker-0.magnetar"));
+        assert_eq!(host_of(":6650"), None);
+        assert_eq!(host_of("nohost"), None);
     }
 
     #[test]

@@ -54,8 +54,9 @@ impl ClientBuilder {
     }
 
     /// The name every broker's certificate must carry. Default: the host of the broker's URL
-    /// (as listed in the service URL or named by a lookup), or `localhost` when the host is an
-    /// IP address.
+    /// (as listed in the service URL or named by a lookup; an IP address must be listed in the
+    /// certificate as an IP address), except that a broker a lookup named by IP address must
+    /// carry the service URL's DNS name when it has one.
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
         self

@@ -81,6 +81,22 @@ fn connect_limit(failures: u32) -> Duration {
     }
 }
 
+/// The name the broker at `url` must prove with its certificate (unless the client names one):
+/// its host, except for an IP address that a lookup named (not one of the service URL's
+/// brokers) while the service URL names its brokers by DNS name; then it is the first such
+/// name. Brokers advertise addresses (a pod's IP) and share a certificate for the service's
+/// name, and the lookups that named the address were answered over connections verified the
+/// same way.
+fn server_name_for(bootstrap: &[BrokerUrl], url: &BrokerUrl) -> String {
+    if url.is_ip()
+        && !bootstrap.contains(url)
+        && let Some(named) = bootstrap.iter().find(|b| !b.is_ip())
+    {
+        return named.default_server_name();
+    }
+    url.default_server_name()
+}
+
 impl Pool {
     pub fn new(connector: Connector, bootstrap: Vec<BrokerUrl>) -> Self {
         Pool { connector, bootstrap, slots: Mutex::new(HashMap::new()), closed: AtomicBool::new(false) }
@@ -103,7 +119,8 @@ impl Pool {
             return Ok(c);
         }
         let failures = slot.state.lock().unwrap_or_else(|p| p.into_inner()).failures;
-        let result = self.connector.connect(url, connect_limit(failures)).await;
+        let name = server_name_for(&self.bootstrap, url);
+        let result = self.connector.connect(url, &name, connect_limit(failures)).await;
         let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(conn) => {
@@ -184,6 +201,24 @@ mod tests {
 
     fn url(s: &str) -> BrokerUrl {
         BrokerUrl::parse(s).expect("url")
+    }
+
+    #[test]
+    fn a_looked_up_address_is_checked_against_the_service_name() {
+        let service = [url("quic://magnetar-broker.magnetar.svc:6650")];
+        // A pod IP named by a lookup: the service's name.
+        assert_eq!(server_name_for(&service, &url("quic://10.0.0.7:6650")), "magnetar-broker.magnetar.svc");
+        // A DNS name named by a lookup: that name.
+        assert_eq!(server_name_for(&service, &url("quic://broker-1.example:6650")), "broker-1.example");
+        assert_eq!(server_name_for(&service, &service[0]), "magnetar-broker.magnetar.svc");
+        // Brokers listed by address are checked as that address, looked up or not.
+        let by_ip = [url("quic://127.0.0.1:6650"), url("quic://[::1]:6651")];
+        assert_eq!(server_name_for(&by_ip, &by_ip[0]), "127.0.0.1");
+        assert_eq!(server_name_for(&by_ip, &url("quic://127.0.0.1:7000")), "127.0.0.1");
+        assert_eq!(server_name_for(&by_ip, &by_ip[1]), "::1");
+        // An address listed in the service URL is its own name even beside a DNS name.
+        let mixed = [url("quic://brokers.example:6650"), url("quic://10.0.0.9:6650")];
+        assert_eq!(server_name_for(&mixed, &mixed[1]), "10.0.0.9");
     }
 
     #[tokio::test]

@@ -84,12 +84,13 @@ impl Connector {
         Ok(Connector::Quic { config, server_name, connect_timeout })
     }
 
-    /// Connects to the broker at `url`, within the connect timeout or `limit` if shorter.
-    pub async fn connect(&self, url: &BrokerUrl, limit: Duration) -> Result<Connection, Error> {
+    /// Connects to the broker at `url`, checking its certificate against the client's server
+    /// name or else `name`, within the connect timeout or `limit` if shorter.
+    pub async fn connect(&self, url: &BrokerUrl, name: &str, limit: Duration) -> Result<Connection, Error> {
         match self {
             Connector::Quic { config, server_name, connect_timeout } => {
-                let server_name = server_name.clone().unwrap_or_else(|| url.default_server_name());
-                connect(config.clone(), url, &server_name, limit.min(*connect_timeout)).await
+                let server_name = server_name.as_deref().unwrap_or(name);
+                connect(config.clone(), url, server_name, limit.min(*connect_timeout)).await
             }
             #[cfg(test)]
             Connector::Memory(net) => net.connect(url),

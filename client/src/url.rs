@@ -87,12 +87,17 @@ impl BrokerUrl {
         Ok(brokers.remove(0))
     }
 
-    /// The name to check the broker's certificate against: the host, except `localhost` for an
-    /// IP literal, so that connecting by address works with a certificate that names only host
-    /// names (a standalone broker's self-signed certificate names localhost, 127.0.0.1 and ::1).
+    /// The name to check the broker's certificate against: the host as given, a DNS name or an
+    /// IP address (which the certificate must list as an IP address, as browsers and curl
+    /// require; a standalone broker's self-signed certificate lists 127.0.0.1 and ::1).
     /// `ClientBuilder::server_name` overrides it.
     pub fn default_server_name(&self) -> String {
-        if self.host.parse::<IpAddr>().is_ok() { "localhost".to_string() } else { self.host.clone() }
+        self.host.clone()
+    }
+
+    /// Whether the host is an IP address rather than a DNS name.
+    pub fn is_ip(&self) -> bool {
+        self.host.parse::<IpAddr>().is_ok()
     }
 }
 
@@ -175,9 +180,9 @@ mod tests {
     }
 
     #[test]
-    fn ip_literals_check_the_certificate_as_localhost() {
-        assert_eq!(parse("quic://127.0.0.1").default_server_name(), "localhost");
-        assert_eq!(parse("quic://[::1]").default_server_name(), "localhost");
+    fn the_certificate_is_checked_against_the_host_as_given() {
+        assert_eq!(parse("quic://127.0.0.1").default_server_name(), "127.0.0.1");
+        assert_eq!(parse("quic://[::1]").default_server_name(), "::1");
         assert_eq!(parse("quic://broker-0.magnetar").default_server_name(), "broker-0.magnetar");
     }
 }

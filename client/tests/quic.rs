@@ -46,6 +46,8 @@ struct State {
     hold_receipts: AtomicBool,
     /// `quic://127.0.0.1:PORT`, known once bound.
     url: OnceLock<String>,
+    /// The test certificate it serves (`NAME` of `tests/data/NAME-cert.pem`).
+    cert: &'static str,
 }
 
 struct FakeBroker {
@@ -55,9 +57,10 @@ struct FakeBroker {
     runtime: Option<(tokio::runtime::Runtime, quinn::Endpoint)>,
 }
 
-fn server_config() -> quinn::ServerConfig {
-    let cert_pem = std::fs::read(data("broker-cert.pem")).expect("read cert");
-    let key_pem = std::fs::read(data("broker-key.pem")).expect("read key");
+/// The server side of TLS with the test certificate `NAME-cert.pem` and its key.
+fn server_config(name: &str) -> quinn::ServerConfig {
+    let cert_pem = std::fs::read(data(&format!("{name}-cert.pem"))).expect("read cert");
+    let key_pem = std::fs::read(data(&format!("{name}-key.pem"))).expect("read key");
     let certs = rustls_pemfile::certs(&mut cert_pem.as_slice()).collect::<Result<Vec<_>, _>>().expect("certs");
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice()).expect("key").expect("a key");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -81,7 +84,7 @@ async fn serve_on(addr: SocketAddr, state: Arc<State>) -> (tokio::runtime::Runti
     let endpoint = loop {
         let bound = {
             let _in_runtime = runtime.enter();
-            quinn::Endpoint::server(server_config(), addr)
+            quinn::Endpoint::server(server_config(state.cert), addr)
         };
         match bound {
             Ok(e) => break e,
@@ -111,6 +114,10 @@ async fn serve_on(addr: SocketAddr, state: Arc<State>) -> (tokio::runtime::Runti
 
 impl FakeBroker {
     async fn start() -> FakeBroker {
+        Self::start_with_cert("broker").await
+    }
+
+    async fn start_with_cert(cert: &'static str) -> FakeBroker {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             log: Mutex::new(Log::default()),
@@ -118,6 +125,7 @@ impl FakeBroker {
             acks: acks_tx,
             hold_receipts: AtomicBool::new(false),
             url: OnceLock::new(),
+            cert,
         });
         let (runtime, endpoint) = serve_on("127.0.0.1:0".parse().expect("addr"), state.clone()).await;
         let addr = endpoint.local_addr().expect("local addr");
@@ -387,6 +395,23 @@ async fn a_certificate_for_another_name_is_refused() {
         .await
         .expect_err("wrong name");
     assert!(matches!(&err, Error::Tls(m) if m.contains("does not name \"broker.example\"")), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_ip_address_is_checked_against_the_certificate_as_that_address() {
+    // The certificate names localhost only: connecting by 127.0.0.1 must not accept it.
+    let broker = FakeBroker::start_with_cert("localhost-only").await;
+    let err = client(&broker, "localhost-only-cert.pem").await.expect_err("the address is not named");
+    assert!(matches!(&err, Error::Tls(m) if m.contains("does not name \"127.0.0.1\"")), "{err:?}");
+    // Naming the server explicitly is the way to use such a certificate by address.
+    let client = Client::builder(broker.url())
+        .tls_trust_cert(data("localhost-only-cert.pem"))
+        .server_name("localhost")
+        .build()
+        .await
+        .expect("connect with the certificate's name");
+    client.producer("t").create().await.expect("producer");
+    client.close().await;
 }
 
 #[tokio::test]
