@@ -77,8 +77,13 @@ async fn etcd_watch_closes_when_etcd_dies() {
 
 #[tokio::test]
 async fn etcd_connect_to_nothing_is_unavailable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("pick a port").port();
+    // A port bound but not listening: connections are refused, and while the socket is held
+    // nothing else can take the port (a closed listener's port could be taken meanwhile).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let port = socket.local_addr().expect("local addr").port();
     let result = EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x").await;
+    drop(socket);
     assert!(matches!(result, Err(MetadataError::Unavailable(_))), "{result:?}");
 }
 
