@@ -3,7 +3,11 @@
 //! A bookie writes a cookie naming its id and instance to each of its directories and to the
 //! metadata store. It refuses to start on a disk whose cookie names another bookie or instance,
 //! or on an empty disk while the metadata store says this bookie holds data: a wiped or swapped
-//! disk must never pass for the bookie that held the acknowledged entries.
+//! disk must never pass for the bookie that held the acknowledged entries. Nor does it start
+//! when its disks hold data and the metadata store does not know it (as BookKeeper refuses):
+//! the bookie was pointed at another cluster's store, or the store was replaced, and ledgers of
+//! that store could be given ids its disks already hold. Disks that hold nothing but the cookie
+//! (a first start that stopped before registering) are registered again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,13 @@ pub enum CookieError {
         "{dir} belongs to bookie {found_id} (instance {found_instance}), not to {bookie_id} (instance {expected_instance})"
     )]
     ForeignDisk { dir: String, found_id: String, found_instance: String, bookie_id: String, expected_instance: String },
+    #[error(
+        "{dir} holds data of bookie {bookie_id} (instance {instance_id}), but the metadata store has no cookie for it \
+         (key {key}): the bookie is pointed at another cluster's metadata store, or the store was replaced. Point it \
+         at its own store; to give this bookie to this cluster, empty its journal and ledger directories first \
+         (their ledgers are not this store's)"
+    )]
+    UnknownToStore { bookie_id: String, instance_id: String, dir: String, key: String },
     #[error("{with} has a cookie but {without} has none: one of the bookie's disks was replaced")]
     Mismatch { with: String, without: String },
     #[error("read or write cookie in {dir}: {error}")]
@@ -56,6 +67,15 @@ fn read_disk(dir: &Path) -> Result<Option<Cookie>, CookieError> {
             .map_err(|e| CookieError::Corrupt { dir: dir.display().to_string(), error: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(CookieError::Io { dir: dir.display().to_string(), error }),
+    }
+}
+
+/// Whether `dir` holds anything besides the cookie (a journal file, entry logs, the index). An
+/// unreadable directory counts as holding data.
+fn holds_data(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().any(|e| e.file_name() != FILE),
+        Err(_) => true,
     }
 }
 
@@ -131,7 +151,15 @@ pub async fn verify_or_create(store: &SharedStore, bookie_id: &str, dirs: &[Path
                     expected_instance: m.instance_id,
                 }),
                 None => {
-                    warn!(bookie_id, "disks have a cookie but the metadata store has none; registering it again");
+                    if let Some(dir) = dirs.iter().find(|d| holds_data(d)) {
+                        return Err(CookieError::UnknownToStore {
+                            bookie_id: bookie_id.into(),
+                            instance_id: disk.instance_id,
+                            dir: dir.display().to_string(),
+                            key,
+                        });
+                    }
+                    warn!(bookie_id, "disks hold only a cookie the metadata store lacks; registering it");
                     let body = Bytes::from(serde_json::to_vec(&disk).unwrap_or_default());
                     store.put(&key, body, PutOptions::absent()).await?;
                     Ok(disk.instance_id)
@@ -165,5 +193,27 @@ mod tests {
         std::fs::remove_file(dirs[0].join(FILE)).expect("rm");
         let err = verify_or_create(&store, "b1", &dirs).await.expect_err("wiped");
         assert!(err.to_string().contains("wiped or replaced"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn disks_with_data_unknown_to_the_store_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs = vec![tmp.path().join("j"), tmp.path().join("l")];
+        let first: SharedStore = Arc::new(EmbeddedStore::open(&tmp.path().join("meta1")).expect("store"));
+        let id = verify_or_create(&first, "b1", &dirs).await.expect("new bookie");
+        // Only the cookies on disk (a first start that stopped before registering, or that did
+        // nothing): another store takes the bookie.
+        let second: SharedStore = Arc::new(EmbeddedStore::open(&tmp.path().join("meta2")).expect("store"));
+        assert_eq!(verify_or_create(&second, "b1", &dirs).await.expect("registered again"), id);
+        assert!(second.get(&metadata_key("b1")).await.expect("get").is_some());
+        // With data on disk, a third store that does not know the bookie is refused.
+        std::fs::write(dirs[0].join("0000000000000001.jnl"), b"records").expect("write");
+        let third: SharedStore = Arc::new(EmbeddedStore::open(&tmp.path().join("meta3")).expect("store"));
+        let err = verify_or_create(&third, "b1", &dirs).await.expect_err("unknown to the store");
+        assert!(matches!(err, CookieError::UnknownToStore { .. }), "{err}");
+        assert!(err.to_string().contains("another cluster's metadata store"), "{err}");
+        assert!(third.get(&metadata_key("b1")).await.expect("get").is_none(), "not registered");
+        // The store that knows it still takes it.
+        assert_eq!(verify_or_create(&second, "b1", &dirs).await.expect("its own store"), id);
     }
 }
