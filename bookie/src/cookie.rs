@@ -70,11 +70,12 @@ fn read_disk(dir: &Path) -> Result<Option<Cookie>, CookieError> {
     }
 }
 
-/// Whether `dir` holds anything besides the cookie (a journal file, entry logs, the index). An
-/// unreadable directory counts as holding data.
+/// Whether `dir` holds anything besides the cookie (a journal file, entry logs, the index) and
+/// the `lost+found` of a fresh ext4 volume mounted there. An unreadable directory counts as
+/// holding data.
 fn holds_data(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
-        Ok(entries) => entries.flatten().any(|e| e.file_name() != FILE),
+        Ok(entries) => entries.flatten().any(|e| e.file_name() != FILE && e.file_name() != "lost+found"),
         Err(_) => true,
     }
 }
@@ -202,7 +203,8 @@ mod tests {
         let first: SharedStore = Arc::new(EmbeddedStore::open(&tmp.path().join("meta1")).expect("store"));
         let id = verify_or_create(&first, "b1", &dirs).await.expect("new bookie");
         // Only the cookies on disk (a first start that stopped before registering, or that did
-        // nothing): another store takes the bookie.
+        // nothing; a volume's lost+found does not count): another store takes the bookie.
+        std::fs::create_dir(dirs[1].join("lost+found")).expect("mkdir");
         let second: SharedStore = Arc::new(EmbeddedStore::open(&tmp.path().join("meta2")).expect("store"));
         assert_eq!(verify_or_create(&second, "b1", &dirs).await.expect("registered again"), id);
         assert!(second.get(&metadata_key("b1")).await.expect("get").is_some());
