@@ -12,8 +12,10 @@
 //! missing from a later listing has been deleted. Before deleting, the sweep reads that ledger's
 //! key once more, so a listing that missed a key cannot make it delete live data. Metadata it
 //! cannot decode keeps the copy. And it sweeps only a store that allocated every ledger it
-//! holds (the store's ledger-id counter is at least the highest id stored here): pointed at the
-//! wrong store, or at one restored from an older backup, it deletes nothing and says why.
+//! holds (the store's ledger-id counter is at least the highest id stored here). A bookie
+//! pointed at another cluster's store does not start (`cookie.rs`); this guard is for its own
+//! store restored from an older backup, which knows the bookie but not its newer ledgers: the
+//! sweep then deletes nothing and says why.
 
 use std::collections::HashMap;
 use std::sync::Arc;
