@@ -434,7 +434,7 @@ async fn apply_retention(
     let topic = p.name();
     on_owner!(s, topic, method, uri, headers, body, {
         let t = s.service.apply_retention(&topic).await?;
-        ok(json!({ "deleted_ledgers": t.ledgers, "deleted_bytes": t.bytes, "orphaned_ledgers": t.orphaned }))
+        ok(json!({ "deleted_ledgers": t.ledgers, "deleted_bytes": t.bytes, "deleting_ledgers": t.deleting }))
     })
 }
 

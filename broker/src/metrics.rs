@@ -45,6 +45,7 @@ pub struct Metrics {
     pub offload_store: StoreMetrics,
     pub retention_deleted_ledgers: Family<TopicLabel, Counter>,
     pub retention_deleted_bytes: Family<TopicLabel, Counter>,
+    pub retention_deleting_ledgers: Family<TopicLabel, Gauge>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_bytes: Gauge,
@@ -74,6 +75,7 @@ impl Metrics {
             offload_store: StoreMetrics::default(),
             retention_deleted_ledgers: Family::default(),
             retention_deleted_bytes: Family::default(),
+            retention_deleting_ledgers: Family::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_bytes: Gauge::default(),
@@ -108,6 +110,11 @@ impl Metrics {
             "retention_deleted_bytes",
             "Bytes of acknowledged ledgers deleted by the retention policy",
             m.retention_deleted_bytes.clone(),
+        );
+        registry.register(
+            "retention_deleting_ledgers",
+            "Ledgers taken off a topic's list whose deletion has not finished (retried at each retention check)",
+            m.retention_deleting_ledgers.clone(),
         );
         registry.register("cache_bytes", "Bytes held by the entry cache", m.cache_bytes.clone());
         registry.register("connections", "Client connections open", m.connections.clone());

@@ -541,8 +541,9 @@ async fn retention_deletes_only_ledgers_every_subscription_acknowledged() {
     wait_for_mark(&t, "b", sent[8]).await;
     let trimmed = t.apply_retention().await.expect("retention");
     assert_eq!(trimmed.ledgers, ids[..2]);
-    assert!(trimmed.bytes > 0 && trimmed.orphaned.is_empty(), "{trimmed:?}");
+    assert!(trimmed.bytes > 0 && trimmed.deleting.is_empty(), "{trimmed:?}");
     assert_eq!(listed_ledgers(&env.store, topic).await, ids[2..]);
+    assert!(t.managed_ledger().deleting().is_empty());
     for id in &ids[..2] {
         assert!(!ledger_exists(&env.store, *id).await, "ledger {id} deleted from the metadata store");
     }
@@ -574,6 +575,42 @@ async fn retention_deletes_only_ledgers_every_subscription_acknowledged() {
         let m = next_message(&mut ev_d).await;
         assert_eq!((m.position, m.payload), (*pos, format!("m{i}")));
     }
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+/// A load that is followed by no write leaves an empty ledger; the next load takes it off the
+/// list and deletes it at once (through the topic's first retention check, even with retention
+/// unlimited): nothing is left in the metadata store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_ledgers_dropped_on_load_are_deleted() {
+    let env = Env::new().await;
+    let topic = "empties";
+    let svc = env.broker().await;
+    let first = produce(&svc, topic, &texts(1, "m")).await[0].ledger_id;
+    svc.shutdown().await;
+    // Loaded and closed again without a write: its new ledger stays empty.
+    let svc = env.broker().await;
+    svc.topic(topic).await.expect("topic");
+    let listed = listed_ledgers(&env.store, topic).await;
+    let [l1, empty] = listed[..] else { panic!("two ledgers listed: {listed:?}") };
+    assert_eq!(l1, first);
+    svc.shutdown().await;
+    assert!(ledger_exists(&env.store, empty).await);
+
+    let svc = env.broker().await;
+    let t = svc.topic(topic).await.expect("topic");
+    let listed = listed_ledgers(&env.store, topic).await;
+    assert!(listed.len() == 2 && listed[0] == first && !listed.contains(&empty), "{listed:?}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ledger_exists(&env.store, empty).await || !t.managed_ledger().deleting().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "empty ledger {empty} not deleted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = magnetar_common::topic::TopicName::parse(topic).expect("topic");
+    let v = env.store.get(&magnetar_broker::service::managed_ledger::key(&name)).await.expect("get").expect("listed");
+    let list: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
+    assert!(list.get("deleting").is_none(), "nothing left to delete: {list}");
     svc.shutdown().await;
     env.stop().await;
 }

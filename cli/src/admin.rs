@@ -815,25 +815,26 @@ fn render_stats(s: &TopicStatsView) -> String {
 struct TrimmedView {
     deleted_ledgers: Vec<u64>,
     deleted_bytes: u64,
-    orphaned_ledgers: Vec<u64>,
+    deleting_ledgers: Vec<u64>,
 }
 
 fn render_trimmed(topic: &TopicName, t: &TrimmedView) -> String {
-    if t.deleted_ledgers.is_empty() {
-        return format!("retention of {topic}: nothing to delete\n");
-    }
     let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-    let mut line = format!(
-        "retention of {topic}: deleted {} ledgers ({}): {}",
-        t.deleted_ledgers.len(),
-        bytes(t.deleted_bytes),
-        ids(&t.deleted_ledgers)
-    );
-    if !t.orphaned_ledgers.is_empty() {
+    let mut line = if t.deleted_ledgers.is_empty() {
+        format!("retention of {topic}: nothing to delete")
+    } else {
+        format!(
+            "retention of {topic}: deleted {} ledgers ({}): {}",
+            t.deleted_ledgers.len(),
+            bytes(t.deleted_bytes),
+            ids(&t.deleted_ledgers)
+        )
+    };
+    if !t.deleting_ledgers.is_empty() {
         line.push_str(&format!(
-            "; the bookies did not delete {} of them (orphans, listed nowhere): {}",
-            t.orphaned_ledgers.len(),
-            ids(&t.orphaned_ledgers)
+            "; the deletion of {} ledgers did not finish (retried at each retention check): {}",
+            t.deleting_ledgers.len(),
+            ids(&t.deleting_ledgers)
         ));
     }
     line + "\n"
@@ -1010,14 +1011,25 @@ mod tests {
     }
 
     #[test]
-    fn retention_results_name_deleted_and_orphaned_ledgers() {
+    fn retention_results_name_deleted_and_unfinished_ledgers() {
         let t = TopicName::parse("orders").expect("topic");
         let none = TrimmedView::default();
         assert_eq!(render_trimmed(&t, &none), "retention of persistent://public/default/orders: nothing to delete\n");
-        let some = TrimmedView { deleted_ledgers: vec![3, 4], deleted_bytes: 2048, orphaned_ledgers: vec![4] };
+        let some = TrimmedView { deleted_ledgers: vec![3, 4], deleted_bytes: 2048, deleting_ledgers: vec![2, 4] };
         let line = render_trimmed(&t, &some);
         assert!(line.contains("deleted 2 ledgers (2.0 KiB): 3, 4;"), "{line}");
-        assert!(line.contains("did not delete 1 of them (orphans, listed nowhere): 4"), "{line}");
+        assert!(
+            line.contains("deletion of 2 ledgers did not finish (retried at each retention check): 2, 4"),
+            "{line}"
+        );
+        let left = TrimmedView { deleting_ledgers: vec![2], ..TrimmedView::default() };
+        let line = render_trimmed(&t, &left);
+        assert!(
+            line.starts_with(
+                "retention of persistent://public/default/orders: nothing to delete; the deletion of 1 ledgers"
+            ),
+            "{line}"
+        );
     }
 
     #[test]

@@ -96,14 +96,18 @@ async fn consume_and_verify(client: &Client, topic: &str, sub: &str, first: u64,
     consumer.close().await.expect("close consumer");
 }
 
-fn admin(sa: &StandaloneProc, args: &[&str]) -> String {
-    let out = Command::new(magnetar())
+fn run_admin(sa: &StandaloneProc, args: &[&str]) -> std::process::Output {
+    Command::new(magnetar())
         .arg("admin")
         .arg("--url")
         .arg(format!("http://{}", sa.http))
         .args(args)
         .output()
-        .expect("run magnetar admin");
+        .expect("run magnetar admin")
+}
+
+fn admin(sa: &StandaloneProc, args: &[&str]) -> String {
+    let out = run_admin(sa, args);
     assert!(
         out.status.success(),
         "magnetar admin {args:?} failed: {}\n{}",
@@ -349,6 +353,97 @@ async fn retention_and_topic_deletion_delete_offloaded_objects() {
     assert!(!segments(&s3).is_empty());
     admin(&sa, &["topics", "delete", doomed, "--force"]);
     assert!(segments(&s3).is_empty(), "topic deletion deleted the objects: {:?}", segments(&s3));
+}
+
+/// `magnetar admin` expected to fail: its standard error.
+fn admin_fails(sa: &StandaloneProc, args: &[&str]) -> String {
+    let out = run_admin(sa, args);
+    assert!(!out.status.success(), "magnetar admin {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn topic_stats(sa: &StandaloneProc, topic: &str) -> Value {
+    let (status, body) = http_get(&sa.http, &format!("/admin/v1/topics/public/default/{topic}/stats"));
+    assert_eq!(status, 200, "stats: {body}");
+    serde_json::from_str(&body).expect("stats json")
+}
+
+/// Deletions the object store refuses (it is down) are not forgotten: retention records them in
+/// the topic's ledger list and a topic deletion keeps the list and fails. After a `kill -9` and
+/// the store's return, the restarted broker finishes retention's deletions by itself when the
+/// topic loads, and deleting the topic again finishes it: no object is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_refused_by_a_down_object_store_finish_after_a_crash_once_it_returns() {
+    let s3 = S3Server::start().expect("start the S3 server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // No periodic retention check within the test: only the one a load with deletions to
+    // finish runs at once.
+    let config = broker_config(
+        &s3,
+        "rollover_max_entries = 20\nretention_check_interval = \"1h\"",
+        "request_timeout = \"1s\"\nconnect_timeout = \"1s\"\nmax_retries = 0\nretry_timeout = \"1s\"",
+        "deletion_lag = \"0s\"",
+    );
+    let mut sa = StandaloneProc::start_configured(&data, &config, BOOKIE);
+    let client = Client::builder(&sa.url).tls_trust_cert(&sa.cert).build().await.expect("connect");
+    let (kept, doomed) = ("kept", "doomed");
+    for topic in [kept, doomed] {
+        let producer = client.producer(topic).batching(false).create().await.expect("producer");
+        produce(&producer, 0..100, 1024).await; // 4 closed ledgers of 20, the 5th being written
+        producer.close().await.expect("close producer");
+        admin(&sa, &["topics", "offload", topic, "--wait", "--timeout", "2min"]);
+    }
+    let before = segments(&s3);
+    assert!(before.len() >= 8, "{before:?}");
+
+    s3.pause().expect("freeze the S3 server");
+    admin(&sa, &["namespaces", "set-policies", "public/default", "--retention-size", "0B"]);
+    let out = admin(&sa, &["topics", "apply-retention", kept]);
+    assert!(out.contains("deleted 4 ledgers") && out.contains("the deletion of 4 ledgers did not finish"), "{out}");
+    let pending = topic_stats(&sa, kept)["deleting_ledgers"].clone();
+    assert_eq!(pending.as_array().map(Vec::len), Some(4), "{pending}");
+    assert_eq!(
+        metric(&sa, "magnetar_broker_retention_deleting_ledgers{topic=\"persistent://public/default/kept\"}"),
+        Some(4.0)
+    );
+    let err = admin_fails(&sa, &["topics", "delete", doomed, "--force"]);
+    assert!(err.contains("4 of its 5 ledgers could not be deleted") && err.contains("delete the topic again"), "{err}");
+
+    sa.kill9();
+    sa.restart();
+    s3.resume().expect("thaw the S3 server");
+    // Loading the topic (stats do) runs a retention check at once: the deletions finish.
+    wait_until("the retention deletions to finish", DEADLINE, || {
+        topic_stats(&sa, kept)["deleting_ledgers"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let (status, list) = http_get(&sa.http, "/admin/v1/topics/public/default");
+    assert!(status == 200 && list.contains("doomed"), "the failed deletion kept the topic: {list}");
+    admin(&sa, &["topics", "delete", doomed]);
+    let (_, list) = http_get(&sa.http, "/admin/v1/topics/public/default");
+    assert!(!list.contains("doomed"), "{list}");
+    assert!(segments(&s3).is_empty(), "objects left: {:?}", segments(&s3));
+
+    // The metadata store knows no ledger but those `kept` lists: nothing was left behind.
+    assert!(sa.interrupt().success(), "clean shutdown");
+    let store = magnetar_common::metadata::connect(&format!("embedded:{}", data.join("metadata").display()))
+        .await
+        .expect("open the standalone's metadata store");
+    let list = store.get("/managed-ledgers/public/default/kept").await.expect("get").expect("kept's list");
+    let list: Value = serde_json::from_slice(&list.value).expect("list json");
+    assert!(list.get("deleting").is_none(), "{list}");
+    let listed: Vec<u64> = list["ledgers"].as_array().expect("ledgers").iter().filter_map(Value::as_u64).collect();
+    let prefix = magnetar_bookie::client::meta::LEDGERS_PREFIX;
+    let mut known: Vec<u64> = store
+        .list(prefix)
+        .await
+        .expect("list ledgers")
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(prefix)?.parse().ok())
+        .collect();
+    known.sort();
+    assert_eq!(known, listed, "ledgers in the metadata store vs listed by the only topic left");
 }
 
 /// `magnetar perf object-store` (the offload benchmark's baseline) measures a local directory:

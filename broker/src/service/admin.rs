@@ -73,6 +73,8 @@ pub struct TopicStats {
     pub bytes_out: u64,
     pub storage_bytes: u64,
     pub ledgers: usize,
+    /// Ledgers taken off the list by retention whose deletion has not finished.
+    pub deleting_ledgers: Vec<u64>,
     pub entries: u64,
     pub producers: Vec<String>,
     pub subscriptions: Vec<SubscriptionView>,
@@ -184,6 +186,7 @@ impl BrokerService {
             bytes_out: totals[3],
             storage_bytes: ml.stored_bytes(),
             ledgers: ml.ledger_ids().len(),
+            deleting_ledgers: ml.deleting(),
             entries: ml.entries_from(ml.first_position()),
             producers,
             subscriptions,
@@ -201,9 +204,11 @@ impl BrokerService {
         Ok(self.existing_topic(topic).await?.offload_view())
     }
 
-    /// Deletes a topic: its ledgers, its ledger list and its cursors. Refused while producers or
-    /// consumers are attached, unless `force` (they are disconnected; with automatic topic
-    /// creation on, a reconnecting client creates the topic anew).
+    /// Deletes a topic: its cursors, its ledgers, then its ledger list. Refused while producers
+    /// or consumers are attached, unless `force` (they are disconnected; with automatic topic
+    /// creation on, a reconnecting client creates the topic anew). When a ledger cannot be
+    /// deleted (object store or metadata store unavailable) the list stays, naming what is left,
+    /// and the request fails: deleting the topic again finishes the work.
     pub async fn delete_topic(&self, topic: &str, force: bool) -> Result<(), ServiceError> {
         let t = self.existing_topic(topic).await?;
         let name = t.name().clone();
@@ -222,21 +227,42 @@ impl BrokerService {
                 )));
             }
         }
-        let ledgers = t.managed_ledger().ledger_ids();
         self.unload(&name).await;
         for kv in self.store().list(&format!("{}/", cursor_key(&name.path(), "").trim_end_matches('/'))).await? {
             self.store().delete(&kv.key, None).await?;
         }
-        self.store().delete(&managed_ledger::key(&name), None).await?;
-        for id in ledgers {
+        // The stored list, read after the unload: it names every ledger, including those whose
+        // deletion an earlier retention pass left unfinished.
+        let Some((ledgers, version)) = managed_ledger::stored_ledgers(self.store(), &name).await? else {
+            info!(topic = %name, "topic deleted");
+            return Ok(());
+        };
+        let mut failed = Vec::new();
+        for &id in &ledgers {
             let offloader = self.ctx.offloader.as_deref();
             if let Err(e) = super::offloader::delete_ledger(self.ledgers(), offloader, id).await {
-                // The list no longer names it: an orphan (on bookies or in the object store, its
-                // metadata saying where) until deleted by hand.
                 warn!(topic = %name, ledger_id = id, error = %e, "delete ledger of deleted topic");
+                failed.push(format!("{id} ({e})"));
             }
         }
-        info!(topic = %name, "topic deleted");
+        if !failed.is_empty() {
+            return Err(ServiceError::Unavailable(format!(
+                "topic {name}: {} of its {} ledgers could not be deleted: {}; its ledger list is kept, delete the topic again to finish",
+                failed.len(),
+                ledgers.len(),
+                failed.join(", ")
+            )));
+        }
+        match self.store().delete(&managed_ledger::key(&name), Some(version)).await {
+            Ok(_) => {}
+            Err(magnetar_common::metadata::MetadataError::Conflict { .. }) => {
+                return Err(ServiceError::Conflict(format!(
+                    "topic {name} was loaded again while it was being deleted; delete it again"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        info!(topic = %name, ledgers = ledgers.len(), "topic deleted");
         Ok(())
     }
 

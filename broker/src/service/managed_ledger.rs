@@ -9,10 +9,12 @@
 //! open, so a stale writer can add nothing more. This module never blocks a thread and owns no
 //! network front-end.
 //!
-//! Retention trims the oldest closed ledgers: the appender, which owns the list's version, takes
-//! them off the list by compare-and-swap first, and only then are they deleted, so a crash in
-//! between leaves an orphan ledger, never a listed ledger that is gone. The current ledger is
-//! never trimmed.
+//! Retention trims the oldest closed ledgers: the appender, which owns the list's version, moves
+//! them by compare-and-swap from the list to the list's `deleting` record first, and only then
+//! are they deleted; a ledger leaves `deleting` once it is gone. So a failure or a crash in
+//! between leaves a deletion to finish (retried at each retention check, by whichever broker owns
+//! the topic), never a listed ledger that is gone nor a ledger nobody knows of. The current
+//! ledger is never trimmed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -40,9 +42,34 @@ pub fn key(topic: &TopicName) -> String {
     format!("/managed-ledgers/{}", topic.path())
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredList {
     ledgers: Vec<u64>,
+    /// Ledgers taken off the list whose deletion has not finished (retention; empty ledgers
+    /// dropped on load): deleted again at each retention check until they are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    deleting: Vec<u64>,
+}
+
+/// Reads a topic's stored list and its version (None: the topic does not exist).
+async fn read_list(store: &SharedStore, topic: &TopicName) -> Result<Option<(StoredList, Version)>, ServiceError> {
+    let Some(v) = store.get(&key(topic)).await? else { return Ok(None) };
+    let list: StoredList = serde_json::from_slice(&v.value)
+        .map_err(|e| ServiceError::Internal(format!("ledger list of {topic} is corrupt: {e}")))?;
+    Ok(Some((list, v.version)))
+}
+
+/// Every ledger a topic's stored list names, listed or still to delete, with the list's version
+/// (None: the topic does not exist).
+pub async fn stored_ledgers(
+    store: &SharedStore,
+    topic: &TopicName,
+) -> Result<Option<(Vec<u64>, Version)>, ServiceError> {
+    Ok(read_list(store, topic).await?.map(|(list, version)| {
+        let mut ids = list.deleting;
+        ids.extend(list.ledgers);
+        (ids, version)
+    }))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,14 +122,25 @@ pub struct Trimmed {
     pub ledgers: Vec<u64>,
     /// Bytes of their entries.
     pub bytes: u64,
-    /// Those of them whose deletion failed (left as orphans: listed nowhere, data on bookies).
-    pub orphaned: Vec<u64>,
+    /// Ledgers off the list (in this pass or earlier) whose deletion has not finished: retried
+    /// at the next check.
+    pub deleting: Vec<u64>,
 }
 
 #[derive(Debug)]
 struct State {
     ledgers: Vec<LedgerInfo>,
+    /// The stored list's `deleting`.
+    deleting: Vec<u64>,
     last_confirmed: Option<Position>,
+}
+
+impl State {
+    /// The list as stored, with `add` appended to the ledgers.
+    fn stored(&self, add: Option<u64>) -> StoredList {
+        let ledgers = self.ledgers.iter().map(|l| l.id).chain(add).collect();
+        StoredList { ledgers, deleting: self.deleting.clone() }
+    }
 }
 
 /// One topic's managed ledger.
@@ -132,10 +170,16 @@ enum AppendCmd {
     },
     /// Stop at once: fail what is in flight with NotOwner, leave the ledger open.
     Abandon,
-    /// Take these closed ledgers off the list (never the current one); replies with those taken.
+    /// Move these closed ledgers from the list to `deleting` (never the current one); replies
+    /// with those moved.
     Trim {
         ledger_ids: Vec<u64>,
         reply: oneshot::Sender<Result<Vec<LedgerInfo>, ServiceError>>,
+    },
+    /// These ledgers are deleted: take them out of `deleting`.
+    Deleted {
+        ledger_ids: Vec<u64>,
+        reply: oneshot::Sender<Result<(), ServiceError>>,
     },
 }
 
@@ -146,13 +190,15 @@ impl std::fmt::Debug for AppendCmd {
             AppendCmd::Close { .. } => f.write_str("Close"),
             AppendCmd::Abandon => f.write_str("Abandon"),
             AppendCmd::Trim { ledger_ids, .. } => write!(f, "Trim({ledger_ids:?})"),
+            AppendCmd::Deleted { ledger_ids, .. } => write!(f, "Deleted({ledger_ids:?})"),
         }
     }
 }
 
 impl ManagedLedger {
     /// Opens (or, with `create`, creates) a topic's managed ledger: recovers ledgers left open,
-    /// drops empty ones, and starts a new ledger for appends.
+    /// drops empty ones (to `deleting`, for the first retention check), and starts a new ledger
+    /// for appends.
     pub async fn open(
         topic: TopicName,
         client: LedgerClient,
@@ -163,12 +209,8 @@ impl ManagedLedger {
     ) -> Result<Arc<Self>, ServiceError> {
         let store = client.store().clone();
         let key = key(&topic);
-        let (list, version) = match store.get(&key).await? {
-            Some(v) => {
-                let list: StoredList = serde_json::from_slice(&v.value)
-                    .map_err(|e| ServiceError::Internal(format!("ledger list of {topic} is corrupt: {e}")))?;
-                (list, Some(v.version))
-            }
+        let (list, version) = match read_list(&store, &topic).await? {
+            Some((list, version)) => (list, Some(version)),
             None if create => (StoredList::default(), None),
             None => return Err(ServiceError::TopicNotFound(topic.to_string())),
         };
@@ -191,6 +233,7 @@ impl ManagedLedger {
                 client.open_for_recovery(id).await?.metadata().clone()
             };
             if md.last_entry_id < 0 {
+                info!(%topic, ledger_id = id, "dropping empty ledger");
                 dropped.push(id);
                 continue;
             }
@@ -205,7 +248,13 @@ impl ManagedLedger {
         }
         let writer = create_ledger(&client, &config, &topic).await?;
         ledgers.push(LedgerInfo::new(writer.ledger_id(), now_ms()));
-        let new_list = StoredList { ledgers: ledgers.iter().map(|l| l.id).collect() };
+        let mut deleting = list.deleting;
+        for id in dropped {
+            if !deleting.contains(&id) {
+                deleting.push(id);
+            }
+        }
+        let new_list = StoredList { ledgers: ledgers.iter().map(|l| l.id).collect(), deleting: deleting.clone() };
         let version = match write_list(&store, &key, &new_list, version).await {
             Ok(v) => v,
             Err(e) => {
@@ -213,11 +262,6 @@ impl ManagedLedger {
                 return Err(e);
             }
         };
-        for id in dropped {
-            if let Err(e) = client.delete(id).await {
-                warn!(%topic, ledger_id = id, error = %e, "delete empty ledger");
-            }
-        }
         let last_confirmed =
             ledgers.iter().rev().find(|l| l.last_entry >= 0).map(|l| Position::new(l.id, l.last_entry as u64));
         let (tx, rx) = mpsc::channel(1024);
@@ -226,7 +270,7 @@ impl ManagedLedger {
             topic: topic.clone(),
             client: client.clone(),
             cache,
-            state: Mutex::new(State { ledgers, last_confirmed }),
+            state: Mutex::new(State { ledgers, deleting, last_confirmed }),
             readers: Mutex::new(HashMap::new()),
             appends: tx,
             confirmed,
@@ -548,13 +592,14 @@ impl ManagedLedger {
         retention_candidates(&self.lock().ledgers, mark, policy, now_ms)
     }
 
-    /// Applies a retention policy: takes the ledgers it lets go of off the topic's list
-    /// (compare-and-swap by the appender), then deletes them from the bookies and the metadata
-    /// store. Reads at their positions move on to the first remaining entry. `mark`: every entry
-    /// before it is acknowledged by every durable subscription (the slowest mark-delete position
-    /// plus one; the end position when there is none). The caller keeps `mark` valid (no
-    /// subscription may start before it) until `off_list` is called or dropped: once the ledgers
-    /// are off the list, before they are deleted.
+    /// Applies a retention policy: moves the ledgers it lets go of from the topic's list to its
+    /// `deleting` record (compare-and-swap by the appender), then deletes every ledger in
+    /// `deleting` from the bookies, object storage and the metadata store (see
+    /// [`Self::delete_pending`]). Reads at their positions move on to the first remaining entry.
+    /// `mark`: every entry before it is acknowledged by every durable subscription (the slowest
+    /// mark-delete position plus one; the end position when there is none). The caller keeps
+    /// `mark` valid (no subscription may start before it) until `off_list` is called or dropped:
+    /// once the ledgers are off the list, before they are deleted.
     pub async fn apply_retention(
         &self,
         mark: Position,
@@ -563,15 +608,23 @@ impl ManagedLedger {
         off_list: impl FnOnce(),
     ) -> Result<Trimmed, ServiceError> {
         let ids = self.retention_candidates(mark, policy, now_ms);
-        if ids.is_empty() {
-            return Ok(Trimmed::default());
-        }
-        let removed = self.remove_ledgers(ids).await?;
+        let removed = if ids.is_empty() { Vec::new() } else { self.remove_ledgers(ids).await? };
         off_list();
-        Ok(self.delete_removed(removed).await)
+        let mut trimmed = Trimmed::default();
+        for l in removed {
+            for e in 0..=l.last_entry {
+                self.cache.invalidate(&Position::new(l.id, e as u64));
+            }
+            self.forget_reader(l.id);
+            info!(topic = %self.topic, ledger_id = l.id, entries = l.last_entry + 1, bytes = l.bytes, "retention: ledger taken off the list");
+            trimmed.ledgers.push(l.id);
+            trimmed.bytes += l.bytes;
+        }
+        trimmed.deleting = self.delete_pending().await;
+        Ok(trimmed)
     }
 
-    /// Takes ledgers off the list (never the current one); returns those taken.
+    /// Moves ledgers from the list to `deleting` (never the current one); returns those moved.
     async fn remove_ledgers(&self, ledger_ids: Vec<u64>) -> Result<Vec<LedgerInfo>, ServiceError> {
         let (reply, rx) = oneshot::channel();
         let closed = || ServiceError::Closed(self.topic.to_string());
@@ -579,35 +632,57 @@ impl ManagedLedger {
         rx.await.map_err(|_| closed())?
     }
 
-    /// Deletes ledgers already off the list; a failure leaves an orphan (logged).
-    async fn delete_removed(&self, removed: Vec<LedgerInfo>) -> Trimmed {
-        let mut trimmed = Trimmed::default();
-        for l in removed {
-            for e in 0..=l.last_entry {
-                self.cache.invalidate(&Position::new(l.id, e as u64));
-            }
-            self.forget_reader(l.id);
-            trimmed.ledgers.push(l.id);
-            trimmed.bytes += l.bytes;
-            match super::offloader::delete_ledger(&self.client, self.offloader.as_deref(), l.id).await {
+    async fn forget_deleted(&self, ledger_ids: Vec<u64>) -> Result<(), ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ServiceError::Closed(self.topic.to_string());
+        self.appends.send(AppendCmd::Deleted { ledger_ids, reply }).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Ledgers taken off the list whose deletion has not finished.
+    pub fn deleting(&self) -> Vec<u64> {
+        self.lock().deleting.clone()
+    }
+
+    /// Deletes each ledger in `deleting` (its objects, bookie copies and metadata; one already
+    /// gone counts as deleted) and takes those deleted out of the stored record. Returns the
+    /// ledgers still to delete: a failure is logged and retried at the next call, on this
+    /// broker or on the topic's next owner.
+    pub async fn delete_pending(&self) -> Vec<u64> {
+        let pending = self.deleting();
+        if pending.is_empty() {
+            return pending;
+        }
+        let mut deleted = Vec::new();
+        for &id in &pending {
+            match super::offloader::delete_ledger(&self.client, self.offloader.as_deref(), id).await {
                 Ok(()) => {
-                    info!(topic = %self.topic, ledger_id = l.id, entries = l.last_entry + 1, bytes = l.bytes, "retention: ledger deleted")
+                    info!(topic = %self.topic, ledger_id = id, "ledger deleted");
+                    deleted.push(id);
                 }
                 Err(e) => {
-                    warn!(topic = %self.topic, ledger_id = l.id, error = %e, "retention: delete ledger (off the list already: its data stays where its metadata says, an orphan)");
-                    trimmed.orphaned.push(l.id);
+                    warn!(topic = %self.topic, ledger_id = id, error = %e, "delete ledger taken off the list (retried at the next retention check)")
                 }
             }
         }
-        trimmed
+        if !deleted.is_empty()
+            && let Err(e) = self.forget_deleted(deleted).await
+        {
+            // They are gone: deleting them again at the next check finds nothing to do.
+            warn!(topic = %self.topic, error = %e, "take deleted ledgers out of the topic's list");
+        }
+        self.deleting()
     }
 
-    /// Forgets ledgers taken off the list (by the appender, after its compare-and-swap).
+    /// Moves ledgers from the list to `deleting` in memory (by the appender, after its
+    /// compare-and-swap wrote the same).
     fn drop_ledgers(&self, ids: &[u64]) -> Vec<LedgerInfo> {
         let removed: Vec<LedgerInfo> = {
             let mut s = self.lock();
-            let (gone, keep) = std::mem::take(&mut s.ledgers).into_iter().partition(|l| ids.contains(&l.id));
+            let (gone, keep): (Vec<LedgerInfo>, _) =
+                std::mem::take(&mut s.ledgers).into_iter().partition(|l| ids.contains(&l.id));
             s.ledgers = keep;
+            s.deleting.extend(gone.iter().map(|l| l.id));
             gone
         };
         let bytes: u64 = removed.iter().map(|l| l.bytes).sum();
@@ -845,6 +920,9 @@ impl Appender {
                                 AppendCmd::Trim { reply, .. } => {
                                     let _ = reply.send(Err(not_owner()));
                                 }
+                                AppendCmd::Deleted { reply, .. } => {
+                                    let _ = reply.send(Err(not_owner()));
+                                }
                                 AppendCmd::Abandon => {}
                             }
                         }
@@ -853,6 +931,9 @@ impl Appender {
                     }
                     Some(AppendCmd::Trim { ledger_ids, reply }) => {
                         let _ = reply.send(self.trim(&ledger_ids).await);
+                    }
+                    Some(AppendCmd::Deleted { ledger_ids, reply }) => {
+                        let _ = reply.send(self.forget_deleted(&ledger_ids).await);
                     }
                     None => return,
                 }
@@ -937,19 +1018,35 @@ impl Appender {
         true
     }
 
-    /// Takes closed ledgers off the list by compare-and-swap on the list's version, then out of
-    /// the in-memory state. The current ledger stays whatever is asked.
+    /// Moves closed ledgers from the list to `deleting` by compare-and-swap on the list's
+    /// version, then in the in-memory state. The current ledger stays whatever is asked.
     async fn trim(&mut self, ledger_ids: &[u64]) -> Result<Vec<LedgerInfo>, ServiceError> {
         let Some(ml) = self.ml.upgrade() else { return Err(ServiceError::Closed(String::new())) };
         let current = self.writer.ledger_id();
-        let listed: Vec<u64> = ml.lock().ledgers.iter().map(|l| l.id).collect();
+        let mut list = ml.lock().stored(None);
         let (gone, keep): (Vec<u64>, Vec<u64>) =
-            listed.into_iter().partition(|id| *id != current && ledger_ids.contains(id));
+            list.ledgers.into_iter().partition(|id| *id != current && ledger_ids.contains(id));
         if gone.is_empty() {
             return Ok(Vec::new());
         }
-        self.version = write_list(&self.store, &self.key, &StoredList { ledgers: keep }, Some(self.version)).await?;
+        list.ledgers = keep;
+        list.deleting.extend(&gone);
+        self.version = write_list(&self.store, &self.key, &list, Some(self.version)).await?;
         Ok(ml.drop_ledgers(&gone))
+    }
+
+    /// Takes deleted ledgers out of `deleting`: stored by compare-and-swap, then in memory.
+    async fn forget_deleted(&mut self, ledger_ids: &[u64]) -> Result<(), ServiceError> {
+        let Some(ml) = self.ml.upgrade() else { return Err(ServiceError::Closed(String::new())) };
+        let mut list = ml.lock().stored(None);
+        let before = list.deleting.len();
+        list.deleting.retain(|id| !ledger_ids.contains(id));
+        if list.deleting.len() == before {
+            return Ok(());
+        }
+        self.version = write_list(&self.store, &self.key, &list, Some(self.version)).await?;
+        ml.lock().deleting.retain(|id| !ledger_ids.contains(id));
+        Ok(())
     }
 
     fn should_roll_over(&self) -> bool {
@@ -962,9 +1059,8 @@ impl Appender {
     async fn roll_over(&mut self) -> Result<(), ServiceError> {
         let Some(ml) = self.ml.upgrade() else { return Err(ServiceError::Closed(String::new())) };
         let writer = create_ledger(&ml.client, &self.config, &ml.topic).await?;
-        let mut ids: Vec<u64> = ml.lock().ledgers.iter().map(|l| l.id).collect();
-        ids.push(writer.ledger_id());
-        match write_list(&self.store, &self.key, &StoredList { ledgers: ids }, Some(self.version)).await {
+        let list = ml.lock().stored(Some(writer.ledger_id()));
+        match write_list(&self.store, &self.key, &list, Some(self.version)).await {
             Ok(v) => self.version = v,
             Err(e) => {
                 let _ = ml.client.delete(writer.ledger_id()).await;
@@ -1114,5 +1210,16 @@ mod tests {
             serde_json::from_str(r#"{"retention":{"size":"0B"}}"#).expect("parses");
         p.validate(&crate::config::BrokerConfig::default()).expect("valid");
         assert_eq!(retention_candidates(&ledgers(), Position::new(4, 0), &p.retention, 0), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_stored_list_reads_lists_written_before_deleting_existed_and_writes_it_only_when_needed() {
+        let old: StoredList = serde_json::from_str(r#"{"ledgers":[1,2]}"#).expect("parses");
+        assert_eq!(old, StoredList { ledgers: vec![1, 2], deleting: vec![] });
+        assert_eq!(serde_json::to_string(&old).expect("json"), r#"{"ledgers":[1,2]}"#);
+        let trimming = StoredList { ledgers: vec![3], deleting: vec![1, 2] };
+        let json = serde_json::to_string(&trimming).expect("json");
+        assert_eq!(json, r#"{"ledgers":[3],"deleting":[1,2]}"#);
+        assert_eq!(serde_json::from_str::<StoredList>(&json).expect("parses"), trimming);
     }
 }

@@ -371,6 +371,7 @@ impl BrokerService {
             m.storage_bytes.get_or_create(&label).set(ml.stored_bytes() as i64);
             m.storage_bookie_bytes.get_or_create(&label).set(ml.bookie_bytes() as i64);
             m.storage_offloaded_bytes.get_or_create(&label).set(ml.offloaded().0 as i64);
+            m.retention_deleting_ledgers.get_or_create(&label).set(ml.deleting().len() as i64);
             for (sub, stats) in t.subscription_stats() {
                 let l = SubscriptionLabel { topic: topic.clone(), subscription: sub };
                 m.backlog.get_or_create(&l).set(t.backlog(&stats) as i64);

@@ -202,8 +202,10 @@ impl Topic {
     /// Applies the namespace's retention policy now (read afresh from the metadata store):
     /// deletes the oldest closed ledgers whose every entry all durable subscriptions have
     /// acknowledged and that the policy no longer keeps. With no durable subscription, every
-    /// closed ledger counts as acknowledged. Runs every `ledger.retention_check_interval`; the
-    /// admin API may call it too.
+    /// closed ledger counts as acknowledged. Deletions left unfinished by an earlier pass (here or
+    /// on a previous owner) are retried, whatever the policy. Runs every
+    /// `ledger.retention_check_interval` (at once after a load that left deletions to finish);
+    /// the admin API may call it too.
     pub async fn apply_retention(&self) -> Result<Trimmed, ServiceError> {
         let _one_at_a_time = self.retention.lock().await;
         if self.unloaded.is_cancelled() {
@@ -211,7 +213,7 @@ impl Topic {
         }
         let policy = self.ctx.policies.for_topic(self.name.tenant(), self.name.namespace()).await?.retention;
         if policy.is_unlimited() {
-            return Ok(Trimmed::default());
+            return Ok(Trimmed { deleting: self.ml.delete_pending().await, ..Trimmed::default() });
         }
         // Held until the ledgers are off the list, so that no subscription starts in one of them.
         let subs = self.subs.lock().await;
@@ -227,7 +229,7 @@ impl Topic {
         if !trimmed.ledgers.is_empty() {
             self.counters.retention_deleted_ledgers.inc_by(trimmed.ledgers.len() as u64);
             self.counters.retention_deleted_bytes.inc_by(trimmed.bytes);
-            info!(topic = %self.name, ledgers = ?trimmed.ledgers, bytes = trimmed.bytes, orphaned = ?trimmed.orphaned, "retention applied");
+            info!(topic = %self.name, ledgers = ?trimmed.ledgers, bytes = trimmed.bytes, deleting = ?trimmed.deleting, "retention applied");
         }
         Ok(trimmed)
     }
@@ -595,12 +597,15 @@ impl Topic {
     }
 }
 
-/// Applies retention every `every` until the topic is unloaded or dropped. A pass that has begun
-/// runs to its end: stopping between taking ledgers off the list and deleting them would leave
-/// orphans.
+/// Applies retention every `every` until the topic is unloaded or dropped, the first time at once
+/// when the topic has deletions to finish. A pass that has begun runs to its end (what it leaves
+/// unfinished is recorded in the ledger list and retried by the next).
 async fn retention_task(topic: std::sync::Weak<Topic>, every: Duration) {
-    let Some(unloaded) = topic.upgrade().map(|t| t.unloaded.clone()) else { return };
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let Some((unloaded, pending)) = topic.upgrade().map(|t| (t.unloaded.clone(), !t.ml.deleting().is_empty())) else {
+        return;
+    };
+    let first = if pending { tokio::time::Instant::now() } else { tokio::time::Instant::now() + every };
+    let mut tick = tokio::time::interval_at(first, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
