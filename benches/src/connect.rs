@@ -41,16 +41,11 @@ impl ConnectArgs {
 /// `./data/tls` (standalone's default data directory).
 fn find_local_cert(url: &str) -> Option<PathBuf> {
     let rest = url.strip_prefix("quic://")?;
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.trim_end_matches('/').parse::<u16>().ok()?),
-        None => (rest.trim_end_matches('/'), 6650),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !local {
+    let broker = magnetar_common::addr::HostPort::parse(rest.trim_end_matches('/'), Some(6650)).ok()?;
+    if !broker.is_loopback() {
         return None;
     }
-    [magnetar_common::config::local_standalone_cert_path(port), PathBuf::from("data/tls/cert.pem")]
+    [magnetar_common::config::local_standalone_cert_path(broker.port), PathBuf::from("data/tls/cert.pem")]
         .into_iter()
         .find(|p| p.is_file())
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use magnetar_common::addr::HostPort;
 use magnetar_common::config::{ConfigError, RoleConfig};
 use serde::{Deserialize, Serialize};
 
@@ -163,6 +164,16 @@ impl RoleConfig for BookieConfig {
         if !(self.metadata_url.starts_with("etcd://") || self.metadata_url.starts_with("embedded:")) {
             return fail(format!("metadata_url {:?} must start with etcd:// or embedded:", self.metadata_url));
         }
+        if self.advertised_addr.is_empty() {
+            if self.listen_addr.ip().is_unspecified() {
+                return fail(format!(
+                    "listen_addr {} listens on every interface: set advertised_addr to the host:port brokers reach this bookie at",
+                    self.listen_addr
+                ));
+            }
+        } else if let Err(why) = HostPort::parse(&self.advertised_addr, None) {
+            return fail(format!("advertised_addr {:?} must be host:port: {why}", self.advertised_addr));
+        }
         if self.journal_dir.as_os_str().is_empty() || self.ledger_dir.as_os_str().is_empty() {
             return fail("journal_dir and ledger_dir must be set".into());
         }
@@ -234,5 +245,20 @@ mod tests {
         assert!(e.0.contains("disk.usage_threshold"), "{e}");
         let e = from_toml::<BookieConfig>("no_such_key = 1\n").expect_err("unknown key");
         assert!(e.0.contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn the_advertised_address_is_one_brokers_can_reach() {
+        // Brokers would be told to connect to 0.0.0.0.
+        let e = from_toml::<BookieConfig>("listen_addr = \"0.0.0.0:3181\"\n").expect_err("wildcard");
+        assert!(e.0.contains("set advertised_addr"), "{e}");
+        let c: BookieConfig =
+            from_toml("listen_addr = \"0.0.0.0:3181\"\nadvertised_addr = \"bookie-0.bookies:3181\"\n").expect("set");
+        assert_eq!(c.advertised_addr, "bookie-0.bookies:3181");
+        for (bad, why) in [("bookie-0", "expected HOST:PORT"), ("fd00::5:3181", "brackets"), ("b:0", "1 to 65535")] {
+            let e = from_toml::<BookieConfig>(&format!("advertised_addr = \"{bad}\"\n")).expect_err(bad);
+            assert!(e.0.contains("advertised_addr") && e.0.contains(why), "{bad}: {e}");
+        }
+        from_toml::<BookieConfig>("advertised_addr = \"[fd00::5]:3181\"\n").expect("bracketed IPv6");
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use magnetar_bookie::client::{AutoRecoveryConfig, LedgerClientConfig};
 use magnetar_bookie::offload::OffloadConfig;
+use magnetar_common::addr::HostPort;
 use magnetar_common::config::{ConfigError, RoleConfig};
 use serde::{Deserialize, Serialize};
 
@@ -372,9 +373,9 @@ fn advertised(key: &str, value: &str, listen_key: &str, listen: SocketAddr) -> R
         }
         return Ok(listen.to_string());
     }
-    match value.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(value.to_string()),
-        _ => fail(format!("{key} {value:?} must be host:port")),
+    match HostPort::parse(value, None) {
+        Ok(_) => Ok(value.to_string()),
+        Err(why) => fail(format!("{key} {value:?} must be host:port: {why}")),
     }
 }
 
@@ -403,6 +404,11 @@ mod tests {
         assert_eq!(c.advertised_http().expect("advertised"), "127.0.0.1:8080");
         let err = from_toml::<BrokerConfig>("advertised_addr = \"nohost\"\n").expect_err("no port");
         assert!(err.to_string().contains("host:port"), "{err}");
+        // Clients are sent to quic://{advertised_addr}: an IPv6 address needs its brackets.
+        let err = from_toml::<BrokerConfig>("advertised_addr = \"fd00::5:6650\"\n").expect_err("unbracketed");
+        assert!(err.to_string().contains("must be in brackets"), "{err}");
+        let c: BrokerConfig = from_toml("advertised_addr = \"[fd00::5]:6650\"\n").expect("bracketed");
+        assert_eq!(c.advertised_quic().expect("advertised"), "[fd00::5]:6650");
         let err = from_toml::<BrokerConfig>("[cluster]\nlease_ttl = \"1s\"\n").expect_err("ttl");
         assert!(err.to_string().contains("lease_ttl"), "{err}");
         let err = from_toml::<BrokerConfig>("[ledger]\nretention_check_interval = \"10ms\"\n").expect_err("interval");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use magnetar_bookie::client::{AutoRecovery, LedgerClient, LedgerError, LocalBookie};
+use magnetar_common::addr::HostPort;
 use magnetar_common::metadata::SharedStore;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -61,12 +62,12 @@ impl Broker {
         local: Vec<LocalBookie>,
     ) -> Result<Self, StartError> {
         let advertised = config.advertised_quic().ok();
-        let advertised_host = advertised.as_deref().and_then(tls::host_of);
+        let advertised_host = advertised.and_then(|a| HostPort::parse(&a, None).ok()).map(|a| a.host);
         let cert = tls::cert_files(
             &config.tls_cert_file,
             &config.tls_key_file,
             &config.data_dir.join("tls"),
-            advertised_host,
+            advertised_host.as_deref(),
         )?;
         let server_tls = tls::server_config(&cert)?;
         let ledgers = LedgerClient::with_local_bookies(store.clone(), config.ledger_client.clone(), local).await?;

@@ -55,13 +55,6 @@ pub fn cert_files(cert: &Path, key: &Path, dir: &Path, advertised_host: Option<&
     Ok(CertFiles { cert, key, self_signed: true })
 }
 
-/// The host of a `host:port` address (an IPv6 address without its brackets).
-pub fn host_of(addr: &str) -> Option<&str> {
-    let (host, _port) = addr.rsplit_once(':')?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    (!host.is_empty()).then_some(host)
-}
-
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -152,15 +145,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = cert_files(Path::new(""), Path::new(""), dir.path(), Some("Broker-0.Magnetar")).expect("generate");
         assert!(valid_for(&files, "broker-0.magnetar"));
-    }
-
-    #[test]
-    fn host_of_strips_the_port_and_brackets() {
-        assert_eq!(host_of("10.1.2.3:6650"), Some("10.1.2.3"));
-        assert_eq!(host_of("[::1]:6650"), Some("::1"));
-        assert_eq!(host_of("broker-0.magnetar:6650"), Some("broker-0.magnetar"));
-        assert_eq!(host_of(":6650"), None);
-        assert_eq!(host_of("nohost"), None);
     }
 
     #[test]

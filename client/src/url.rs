@@ -4,6 +4,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use magnetar_common::addr::HostPort;
+
 use crate::Error;
 
 /// The port a broker listens on when the URL names none.
@@ -45,36 +47,8 @@ pub(crate) fn parse_service_url(url: &str) -> Result<Vec<BrokerUrl>, Error> {
 
 /// Parses `HOST[:PORT]`; the error says what is wrong.
 fn parse_host_port(s: &str) -> Result<BrokerUrl, &'static str> {
-    let (host, port) = if let Some(after) = s.strip_prefix('[') {
-        let Some((host, tail)) = after.split_once(']') else {
-            return Err("IPv6 address has no closing ']'");
-        };
-        if host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err("the part in [] is not an IPv6 address");
-        }
-        let port = match tail {
-            "" => None,
-            t => Some(t.strip_prefix(':').ok_or("expected ':PORT' after ']'")?),
-        };
-        (host, port)
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => return Err("IPv6 addresses must be in brackets: quic://[::1]:6650"),
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("host is empty");
-    }
-    let port = match port {
-        None => DEFAULT_PORT,
-        Some(p) => match p.parse::<u16>() {
-            Ok(0) | Err(_) => return Err("port must be a number from 1 to 65535"),
-            Ok(p) => p,
-        },
-    };
-    Ok(BrokerUrl { host: host.to_ascii_lowercase(), port })
+    let HostPort { host, port } = HostPort::parse(s, Some(DEFAULT_PORT))?;
+    Ok(BrokerUrl { host, port })
 }
 
 impl BrokerUrl {

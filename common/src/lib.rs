@@ -1,6 +1,7 @@
 //! Magnetar's shared pieces: wire codecs that do no I/O, identifiers, configuration helpers,
 //! and the metadata-store trait with its etcd and embedded implementations.
 
+pub mod addr;
 pub mod batch;
 pub mod bookie_proto;
 pub mod config;

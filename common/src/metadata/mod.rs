@@ -213,11 +213,9 @@ pub fn parse_url(url: &str) -> Result<StoreUrl> {
         };
         let mut endpoints = Vec::new();
         for host in hosts.split(',').filter(|h| !h.is_empty()) {
-            let port_ok =
-                host.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-            if !port_ok {
+            if let Err(why) = crate::addr::HostPort::parse(host, None) {
                 return Err(MetadataError::Invalid(format!(
-                    "metadata URL {url:?}: etcd endpoint {host:?} must be host:port (etcd listens on 2379 by default)"
+                    "metadata URL {url:?}: etcd endpoint {host:?} must be host:port (etcd listens on 2379 by default): {why}"
                 )));
             }
             endpoints.push(format!("http://{host}"));
