@@ -699,6 +699,7 @@ struct TopicStatsView {
     bytes_out: u64,
     storage_bytes: u64,
     ledgers: u64,
+    deleting_ledgers: Vec<u64>,
     entries: u64,
     producers: Vec<String>,
     subscriptions: Vec<SubscriptionView>,
@@ -786,6 +787,15 @@ fn bytes(n: u64) -> String {
 fn render_stats(s: &TopicStatsView) -> String {
     let rate = |msgs: f64, b: f64| format!("{msgs:.1} msg/s, {}/s", bytes(b.round() as u64));
     let producers = if s.producers.is_empty() { "0".to_string() } else { s.producers.join(", ") };
+    let mut storage = format!("{} in {} ledgers, {} entries", bytes(s.storage_bytes), s.ledgers, s.entries);
+    if !s.deleting_ledgers.is_empty() {
+        let ids: Vec<String> = s.deleting_ledgers.iter().map(u64::to_string).collect();
+        storage.push_str(&format!(
+            "; {} ledgers off the list still to delete (retried at each retention check): {}",
+            ids.len(),
+            ids.join(", ")
+        ));
+    }
     let mut out = record(
         &[
             ("topic", s.topic.clone()),
@@ -794,7 +804,7 @@ fn render_stats(s: &TopicStatsView) -> String {
             ("rate out", rate(s.msg_rate_out, s.bytes_rate_out)),
             ("messages in", format!("{} ({}) since loaded", s.msg_in, bytes(s.bytes_in))),
             ("messages out", format!("{} ({}) since loaded", s.msg_out, bytes(s.bytes_out))),
-            ("storage", format!("{} in {} ledgers, {} entries", bytes(s.storage_bytes), s.ledgers, s.entries)),
+            ("storage", storage),
         ]
         .into_iter()
         .chain(s.offload.fields())
