@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_bookie::client::autorecovery::AUDITOR_KEY;
@@ -17,22 +17,11 @@ use magnetar_bookie::server::BookieServer;
 use magnetar_common::bookie_proto::{Reply, Request};
 use magnetar_common::entry::Entry;
 use magnetar_common::metadata::{self, SharedStore};
+use magnetar_common::testing::wait_until;
 
 /// Generous deadline for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(60);
 const T: Duration = Duration::from_secs(10);
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Bookies in this process, on one embedded metadata store.
 struct Cluster {
@@ -60,7 +49,7 @@ impl Cluster {
         let cfg = LedgerClientConfig { add_timeout: Duration::from_secs(2), ..Default::default() };
         let client = LedgerClient::new(self.store.clone(), cfg).await.expect("client");
         let n = self.bookies.len();
-        wait_for("every bookie registered", || {
+        wait_until("every bookie registered", DEADLINE, || {
             let live = client.registry().live().len();
             async move { live == n }
         })
@@ -174,7 +163,7 @@ async fn bookie_killed_during_writes(n: usize) {
     let recovery = AutoRecovery::start(&client, fast_config(), AutoRecoveryMetrics::default());
     let m = recovery.metrics().clone();
     let before_id = before_md.ledger_id;
-    wait_for("both ledgers to stop referencing the dead bookie", || {
+    wait_until("both ledgers to stop referencing the dead bookie", DEADLINE, || {
         let (client, victim, m) = (client.clone(), victim.clone(), m.clone());
         async move {
             let a = client.metadata(before_id).await.expect("md");
@@ -232,14 +221,14 @@ async fn entries_whose_only_copies_died_are_reported_not_fixed() {
 
     let recovery = AutoRecovery::start(&client, fast_config(), AutoRecoveryMetrics::default());
     let m = recovery.metrics().clone();
-    wait_for("the lost entries to be reported", || {
+    wait_until("the lost entries to be reported", DEADLINE, || {
         let m = m.clone();
         async move { m.unrecoverable_entries.get() == 10 && m.under_replicated_ledgers.get() == 1 }
     })
     .await;
     // Later scans change nothing: no copy is invented, the fragment still names its lost bookie.
     let scans = m.scans.get();
-    wait_for("two more scans", || {
+    wait_until("two more scans", DEADLINE, || {
         let m = m.clone();
         async move { m.scans.get() >= scans + 2 }
     })
@@ -260,7 +249,7 @@ async fn one_auditor_at_a_time_and_another_takes_over() {
     let cluster = Cluster::start(1).await;
     let a = AutoRecovery::start(&cluster.client().await, fast_config(), AutoRecoveryMetrics::default());
     let b = AutoRecovery::start(&cluster.client().await, fast_config(), AutoRecoveryMetrics::default());
-    wait_for("an auditor", || {
+    wait_until("an auditor", DEADLINE, || {
         let n = a.is_auditor() as u8 + b.is_auditor() as u8;
         async move { n == 1 }
     })
@@ -271,7 +260,7 @@ async fn one_auditor_at_a_time_and_another_takes_over() {
     assert_eq!(holder["holder"], auditor.holder_id());
     assert!(!other.is_auditor());
     auditor.shutdown().await;
-    wait_for("the other to take over", || {
+    wait_until("the other to take over", DEADLINE, || {
         let yes = other.is_auditor();
         async move { yes }
     })
@@ -308,7 +297,7 @@ async fn ledgers_deleted_during_recovery_are_neither_failures_nor_losses() {
         }
     }
     let scans = m.scans.get();
-    wait_for("a scan after the deletes", || {
+    wait_until("a scan after the deletes", DEADLINE, || {
         let m = m.clone();
         async move { m.scans.get() >= scans + 2 }
     })

@@ -12,6 +12,7 @@ use magnetar_bookie::config::BookieConfig;
 use magnetar_bookie::server::BookieServer;
 use magnetar_common::bookie_proto::Status;
 use magnetar_common::metadata::{self, SharedStore};
+use magnetar_common::testing::wait_until;
 
 /// Generous deadline for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -50,11 +51,7 @@ async fn client(store: &SharedStore, local: Vec<magnetar_bookie::client::LocalBo
         ..Default::default()
     };
     let client = LedgerClient::with_local_bookies(store.clone(), cfg, local).await.expect("client");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while client.registry().live().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "the bookie never registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the bookie registered", DEADLINE, || async { !client.registry().live().is_empty() }).await;
     client
 }
 

@@ -3,7 +3,7 @@
 //! other ledger stays readable.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use magnetar_bookie::client::conn::BookieConn;
@@ -13,18 +13,11 @@ use magnetar_bookie::config::BookieConfig;
 use magnetar_bookie::server::BookieServer;
 use magnetar_common::bookie_proto::{Reply, Request, Status};
 use magnetar_common::metadata::{self, SharedStore};
+use magnetar_common::testing::wait_until;
 
 /// Generous deadline for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(60);
 const T: Duration = Duration::from_secs(10);
-
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn start(dir: &std::path::Path, store: &SharedStore) -> BookieServer {
     let mut cfg = BookieConfig {
@@ -70,14 +63,14 @@ async fn copies_of_deleted_and_offloaded_ledgers_are_swept_and_the_rest_stays() 
     let store = metadata::connect(&format!("embedded:{}", dir.path().join("meta").display())).await.expect("store");
     let bookie = start(dir.path(), &store).await;
     let client = LedgerClient::new(store.clone(), LedgerClientConfig::default()).await.expect("client");
-    wait_for("the bookie registered", || !client.registry().live().is_empty()).await;
+    wait_until("the bookie registered", DEADLINE, || async { !client.registry().live().is_empty() }).await;
 
     let kept = ledger(&client, 10).await;
     let deleted_meta = ledger(&client, 10).await;
     let offloaded_gone = ledger(&client, 10).await;
     let offloaded_kept = ledger(&client, 10).await;
     let storage = bookie.storage().clone();
-    wait_for("the ledgers flushed", || {
+    wait_until("the ledgers flushed", DEADLINE, || async {
         storage
             .stored_ledgers()
             .is_ok_and(|l| [kept, deleted_meta, offloaded_gone, offloaded_kept].iter().all(|x| l.contains(x)))
@@ -92,7 +85,7 @@ async fn copies_of_deleted_and_offloaded_ledgers_are_swept_and_the_rest_stays() 
     set_offload(&client, offloaded_kept, false).await;
 
     // A deletion is counted just after the copy is gone: wait for both.
-    wait_for("the orphans swept", || {
+    wait_until("the orphans swept", DEADLINE, || async {
         storage.stored_ledgers().is_ok_and(|l| !l.contains(&deleted_meta) && !l.contains(&offloaded_gone))
             && storage.metrics().orphan_ledgers_deleted.get() >= 2
     })

@@ -17,6 +17,7 @@ use magnetar_broker::service::{BrokerService, ConsumerEvent, ConsumerHandle, Ser
 use magnetar_common::batch::{self, BatchBuilder, Compression, Message};
 use magnetar_common::ids::Position;
 use magnetar_common::metadata::SharedStore;
+use magnetar_common::testing::wait_until;
 use magnetar_common::wire::{InitialPosition, SubscriptionType};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -326,16 +327,7 @@ async fn latest_starts_after_existing_messages_and_backlog_is_counted() {
     assert_eq!(m.payload, "new0");
     c.ack(vec![m.position], false).expect("ack");
     let topic = svc.topic("lat").await.expect("topic");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let stats = topic.subscription_stats();
-        let backlog = topic.backlog(&stats[0].1);
-        if backlog == 1 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "backlog stayed {backlog}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("a backlog of 1", WAIT, || async { topic.backlog(&topic.subscription_stats()[0].1) == 1 }).await;
     let metrics = svc.render_metrics();
     assert!(metrics.contains("magnetar_broker_subscription_backlog_entries{topic=\"persistent://public/default/lat\",subscription=\"s\"} 1"), "{metrics}");
     svc.shutdown().await;
@@ -602,11 +594,10 @@ async fn empty_ledgers_dropped_on_load_are_deleted() {
     let t = svc.topic(topic).await.expect("topic");
     let listed = listed_ledgers(&env.store, topic).await;
     assert!(listed.len() == 2 && listed[0] == first && !listed.contains(&empty), "{listed:?}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ledger_exists(&env.store, empty).await || !t.managed_ledger().deleting().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "empty ledger {empty} not deleted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the empty ledger deleted", WAIT, || async {
+        !ledger_exists(&env.store, empty).await && t.managed_ledger().deleting().is_empty()
+    })
+    .await;
     let name = magnetar_common::topic::TopicName::parse(topic).expect("topic");
     let v = env.store.get(&magnetar_broker::service::managed_ledger::key(&name)).await.expect("get").expect("listed");
     let list: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
@@ -617,14 +608,12 @@ async fn empty_ledgers_dropped_on_load_are_deleted() {
 
 /// Waits until a subscription's mark-delete position (plus one) reaches `at`.
 async fn wait_for_mark(t: &Topic, sub: &str, at: Position) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let mark = || {
         let stats = t.subscription_stats();
-        let mark = stats.iter().find(|(n, _)| n == sub).map(|(_, s)| s.cursor.lock().expect("lock").0);
-        if mark.is_some_and(|m| m >= at) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{sub} stayed at {mark:?}, not {at}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        stats.iter().find(|(n, _)| n == sub).map(|(_, s)| s.cursor.lock().expect("lock").0)
+    };
+    wait_until(&format!("{sub}'s mark-delete position to reach {at}"), WAIT, || async {
+        mark().is_some_and(|m| m >= at)
+    })
+    .await;
 }

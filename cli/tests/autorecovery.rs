@@ -16,7 +16,8 @@ use magnetar_bookie::server::Registration;
 use magnetar_common::bookie_proto::{Reply, Request};
 use magnetar_common::metadata;
 use magnetar_common::testing::EtcdServer;
-use support::{BookieProc, BrokerProc, DEADLINE, http_get, wait_for};
+use magnetar_common::testing::wait_for;
+use support::{BookieProc, BrokerProc, DEADLINE, http_get};
 
 const TOPIC: &str = "autorecovery-topic";
 
@@ -122,7 +123,7 @@ async fn bookie_killed_during_writes_is_re_replicated_and_nothing_acknowledged_i
     let store = metadata::connect(&url).await.expect("metadata store");
 
     let producer = StreamingProducer::start(&broker).await;
-    wait_for("messages acknowledged before the kill", || {
+    wait_for("messages acknowledged before the kill", DEADLINE, || {
         let n = producer.acked();
         async move { (n >= 300).then_some(()) }
     })
@@ -133,14 +134,14 @@ async fn bookie_killed_during_writes_is_re_replicated_and_nothing_acknowledged_i
     victim.kill9();
     let killed_at = Instant::now();
     let acked_at_kill = producer.acked();
-    wait_for("writes to continue after the kill", || {
+    wait_for("writes to continue after the kill", DEADLINE, || {
         let n = producer.acked();
         async move { (n >= acked_at_kill + 500).then_some(()) }
     })
     .await;
     println!("{} messages acknowledged after the kill", producer.acked() - acked_at_kill);
 
-    wait_for("auto-recovery to re-replicate the lost copies", || {
+    wait_for("auto-recovery to re-replicate the lost copies", DEADLINE, || {
         let repaired = metric(&broker, "magnetar_broker_autorecovery_fragments_rereplicated_total").unwrap_or(0.0);
         let under = metric(&broker, "magnetar_broker_under_replicated_ledgers");
         async move { (repaired >= 1.0 && under == Some(0.0)).then_some(()) }

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use magnetar_bookie::client::{LedgerClient, LedgerClientConfig, LedgerError};
 use magnetar_common::metadata;
-use magnetar_common::testing::EtcdServer;
-use support::{BookieProc, payload};
+use magnetar_common::testing::{EtcdServer, wait_for};
+use support::{BookieProc, DEADLINE, payload};
 
 const PAYLOAD: usize = 2000;
 
@@ -162,7 +162,7 @@ async fn client_with_live(url: &str, n: usize) -> LedgerClient {
     let store = metadata::connect(url).await.expect("metadata store");
     let config = LedgerClientConfig { add_timeout: Duration::from_secs(3), ..LedgerClientConfig::default() };
     let c = LedgerClient::new(store, config).await.expect("ledger client");
-    support::wait_for("registrations to settle", || {
+    wait_for("registrations to settle", DEADLINE, || {
         let live = c.registry().live().len();
         async move { (live == n).then_some(()) }
     })

@@ -14,7 +14,8 @@ use magnetar_bookie::client::conn::BookieConn;
 use magnetar_common::bookie_proto::{Reply, Request};
 use magnetar_common::entry::{Entry, encode_entry};
 use magnetar_common::testing::EtcdServer;
-use support::{BookieProc, payload, wait_for};
+use magnetar_common::testing::wait_for;
+use support::{BookieProc, DEADLINE, payload};
 
 const EXTRA: &str = "max_entry_bytes = \"1MiB\"\n\
 [storage]\nwrite_cache_bytes = \"4MiB\"\nflush_interval = \"200ms\"\nentry_log_max_bytes = \"8MiB\"\n\
@@ -97,7 +98,7 @@ async fn acknowledged_entries_survive_kill_9_at_any_point() {
                 while set.join_next().await.is_some() {}
             })
         };
-        wait_for("acknowledged adds", || {
+        wait_for("acknowledged adds", DEADLINE, || {
             let n = acked.lock().expect("lock").len();
             async move { (n >= kill_after).then_some(()) }
         })

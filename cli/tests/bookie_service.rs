@@ -14,8 +14,8 @@ use magnetar_bookie::client::{LedgerClient, LedgerClientConfig, LedgerError};
 use magnetar_common::bookie_proto::{Reply, Request, Status};
 use magnetar_common::entry::encode_entry;
 use magnetar_common::metadata;
-use magnetar_common::testing::EtcdServer;
-use support::{BookieProc, http_get, payload};
+use magnetar_common::testing::{EtcdServer, wait_for};
+use support::{BookieProc, DEADLINE, http_get, payload};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -50,7 +50,7 @@ async fn bad_input_gets_clear_errors_and_only_its_connection_closes() {
 
     // A malformed frame (unknown kind) on a raw socket: an error frame, then the connection closes.
     let mut raw = std::net::TcpStream::connect(&b.addr).expect("connect");
-    raw.set_read_timeout(Some(support::DEADLINE)).expect("timeout");
+    raw.set_read_timeout(Some(DEADLINE)).expect("timeout");
     raw.write_all(&[0, 0, 0, 9, 0x55, 0, 0, 0, 0, 0, 0, 0, 1]).expect("write");
     let mut resp = Vec::new();
     raw.read_to_end(&mut resp).expect("read until close");
@@ -58,7 +58,7 @@ async fn bad_input_gets_clear_errors_and_only_its_connection_closes() {
     assert_eq!(u16::from_be_bytes([resp[13], resp[14]]), Status::BadRequest.code());
     // A frame claiming 3 GiB: refused without allocating, connection closed.
     let mut raw = std::net::TcpStream::connect(&b.addr).expect("connect");
-    raw.set_read_timeout(Some(support::DEADLINE)).expect("timeout");
+    raw.set_read_timeout(Some(DEADLINE)).expect("timeout");
     raw.write_all(&[0xC0, 0, 0, 0, 1]).expect("write");
     let mut resp = Vec::new();
     raw.read_to_end(&mut resp).expect("read until close");
@@ -68,7 +68,7 @@ async fn bad_input_gets_clear_errors_and_only_its_connection_closes() {
     // mistake the refusal for a failed bookie and change the ensemble.
     let store = metadata::connect(&etcd.url("/bad")).await.expect("store");
     let client = LedgerClient::new(store, LedgerClientConfig::default()).await.expect("client");
-    support::wait_for("the bookie registered", || {
+    wait_for("the bookie registered", DEADLINE, || {
         let n = client.registry().live().len();
         async move { (n == 1).then_some(()) }
     })
@@ -137,7 +137,7 @@ async fn disk_above_threshold_turns_read_only_and_reads_continue() {
     }
     // Writers see it in the registration, and the log says so.
     let store = metadata::connect(&url).await.expect("store");
-    support::wait_for("read-only registration", || {
+    wait_for("read-only registration", DEADLINE, || {
         let store = store.clone();
         async move {
             let v = store.get("/bookies/available/full-1").await.ok()??;

@@ -9,12 +9,13 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use magnetar_client::{
     Client, Consumer, DeadLetterPolicy, InitialPosition, PROPERTY_ORIGIN_MESSAGE_ID, PROPERTY_ORIGIN_SUBSCRIPTION,
     PROPERTY_REAL_TOPIC, ReceivedMessage, SubscriptionType,
 };
+use magnetar_common::testing::wait_until;
 use support::{DEADLINE, StandaloneProc, http_get};
 
 /// The backlog of `sub` on `public/default/<topic>`, from the admin API.
@@ -25,14 +26,6 @@ fn backlog(sa: &StandaloneProc, topic: &str, sub: &str) -> Option<u64> {
     }
     let stats: serde_json::Value = serde_json::from_str(&body).ok()?;
     stats["subscriptions"].as_array()?.iter().find(|s| s["name"] == sub)?["backlog"].as_u64()
-}
-
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn receive(consumer: &Consumer, what: &str) -> ReceivedMessage {
@@ -113,7 +106,10 @@ async fn a_message_nacked_every_time_goes_to_the_dead_letter_topic_after_max_red
     assert_eq!(dead.property(PROPERTY_ORIGIN_MESSAGE_ID), Some(poison_id.as_str()));
 
     // Acknowledged on the original subscription once it was stored on the dead-letter topic.
-    wait_for("the backlog of the original subscription to reach 0", || backlog(&sa, topic, sub) == Some(0)).await;
+    wait_until("the backlog of the original subscription to reach 0", DEADLINE, || async {
+        backlog(&sa, topic, sub) == Some(0)
+    })
+    .await;
     {
         let d = deliveries.lock().expect("lock");
         assert_eq!(d.get("poison"), Some(&vec![0, 1, 2]), "max_redeliveries + 1 deliveries: {d:?}");
@@ -156,7 +152,10 @@ async fn a_message_never_acknowledged_goes_to_the_dead_letter_topic_through_the_
     assert_eq!(&dead.payload[..], b"forgotten");
     assert_eq!(dead.property(PROPERTY_REAL_TOPIC), Some("persistent://public/default/payments"));
     assert_eq!(dead.property(PROPERTY_ORIGIN_SUBSCRIPTION), Some(sub));
-    wait_for("the backlog of the original subscription to reach 0", || backlog(&sa, topic, sub) == Some(0)).await;
+    wait_until("the backlog of the original subscription to reach 0", DEADLINE, || async {
+        backlog(&sa, topic, sub) == Some(0)
+    })
+    .await;
     consumer.close().await.expect("close");
     client.close().await;
 }

@@ -7,12 +7,12 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use magnetar_client::{Client, InitialPosition, MessageId, Producer};
-use magnetar_common::testing::S3Server;
+use magnetar_common::testing::{S3Server, wait_until};
 use serde_json::Value;
 use support::{DEADLINE, StandaloneProc, http_get, magnetar};
 
@@ -129,14 +129,6 @@ fn metric(sa: &StandaloneProc, prefix: &str) -> Option<f64> {
     body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-async fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !check() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
@@ -192,7 +184,7 @@ async fn a_gib_offloaded_to_s3_is_read_back_identically_and_leaves_the_bookie() 
     assert_eq!(segments(&s3).len() as u64, offloaded, "one object per offloaded ledger");
     assert!(metric(&sa, "magnetar_broker_offload_store_requests_total{op=\"multipart_part\"}").unwrap_or(0.0) > 0.0);
     // The bookie reclaims the deleted ledgers' entry logs.
-    wait_until("the bookie's disk usage to fall", DEADLINE * 4, || dir_bytes(&ledger_dir) < before / 4).await;
+    wait_until("the bookie's disk usage to fall", DEADLINE * 4, || async { dir_bytes(&ledger_dir) < before / 4 }).await;
 
     consume_and_verify(&client, topic, "replay", 0, count, size).await;
     let stats = admin(&sa, &["topics", "stats", topic]);
@@ -223,7 +215,7 @@ async fn kill9_in_the_middle_of_an_upload_then_the_ledger_is_offloaded_exactly_o
     }
     admin(&sa, &["topics", "offload", topic]);
     let part = "magnetar_broker_offload_store_requests_total{op=\"multipart_part\"}";
-    wait_until("a part uploaded", DEADLINE, || metric(&sa, part).unwrap_or(0.0) >= 1.0).await;
+    wait_until("a part uploaded", DEADLINE, || async { metric(&sa, part).unwrap_or(0.0) >= 1.0 }).await;
     sa.kill9();
     assert!(s3.incomplete_multipart_uploads().expect("list uploads") >= 1, "the kill interrupted an upload");
     assert!(segments(&s3).is_empty(), "nothing half-written is visible: {:?}", segments(&s3));
@@ -265,7 +257,7 @@ async fn a_frozen_s3_server_never_stops_producing_and_reads_resume_when_it_retur
     let size = 32 * 1024;
     let producer = client.producer(topic).create().await.expect("producer");
     produce(&producer, 0..160, size).await; // 5 MiB, 4+ closed ledgers
-    wait_until("the closed ledgers offloaded", DEADLINE, || {
+    wait_until("the closed ledgers offloaded", DEADLINE, || async {
         let s = offload_status(&sa, topic);
         s["offloaded_ledgers"].as_u64() >= Some(4) && s["pending_ledgers"] == 0
     })
@@ -276,7 +268,7 @@ async fn a_frozen_s3_server_never_stops_producing_and_reads_resume_when_it_retur
     // Producing goes on: every message is acknowledged while the store is down.
     let ids = produce(&producer, 160..320, size).await;
     assert_eq!(ids.len(), 160);
-    wait_until("the offload failure and backlog to show", DEADLINE, || {
+    wait_until("the offload failure and backlog to show", DEADLINE, || async {
         let s = offload_status(&sa, topic);
         s["last_error"].is_string() && s["pending_bytes"].as_u64() > Some(0)
     })
@@ -312,7 +304,7 @@ async fn a_frozen_s3_server_never_stops_producing_and_reads_resume_when_it_retur
 
     s3.resume().expect("thaw the S3 server");
     tokio::time::timeout(DEADLINE * 2, reader).await.expect("catch-up read finishes").expect("catch-up read");
-    wait_until("offloading to catch up", DEADLINE, || {
+    wait_until("offloading to catch up", DEADLINE, || async {
         let s = offload_status(&sa, topic);
         s["pending_ledgers"] == 0 && s["last_error"].is_null() && s["offloaded_ledgers"].as_u64() > Some(before)
     })
@@ -416,7 +408,7 @@ async fn deletions_refused_by_a_down_object_store_finish_after_a_crash_once_it_r
     sa.restart();
     s3.resume().expect("thaw the S3 server");
     // Loading the topic (stats do) runs a retention check at once: the deletions finish.
-    wait_until("the retention deletions to finish", DEADLINE, || {
+    wait_until("the retention deletions to finish", DEADLINE, || async {
         topic_stats(&sa, kept)["deleting_ledgers"].as_array().is_some_and(Vec::is_empty)
     })
     .await;

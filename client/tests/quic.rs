@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use magnetar_client::{Client, Error, InitialPosition, MessageId, Position, SubscriptionType};
 use magnetar_common::batch;
+use magnetar_common::testing::wait_until;
 use magnetar_common::wire::{self, Frame};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -429,15 +430,6 @@ async fn a_silent_address_times_out_with_a_clear_error() {
     assert!(err.is_retryable());
 }
 
-/// Polls `condition` until it holds, failing after [`WAIT`].
-async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_consumer_ride_through_broker_restarts() {
     const N: u32 = 3000;
@@ -489,13 +481,16 @@ async fn producer_and_consumer_ride_through_broker_restarts() {
     for i in 1000..1500 {
         receipts.push(producer.send_async(i.to_string()).await.expect("queued"));
     }
-    wait_for("messages up to 1499 stored", || broker.stored_messages() >= 1500).await;
+    wait_until("messages up to 1499 stored", WAIT, || async { broker.stored_messages() >= 1500 }).await;
     broker.crash_and_restart().await;
     // Queued while the producer finds out (after the idle timeout) and reconnects.
     for i in 1500..2000 {
         receipts.push(producer.send_async(i.to_string()).await.expect("queued"));
     }
-    wait_for("reconnections after the crash", || producer.reconnects() >= 1 && consumer.reconnects() >= 1).await;
+    wait_until("reconnections after the crash", WAIT, || async {
+        producer.reconnects() >= 1 && consumer.reconnects() >= 1
+    })
+    .await;
     for i in 2000..2200 {
         receipts.push(producer.send_async(i.to_string()).await.expect("queued"));
     }

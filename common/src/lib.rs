@@ -8,7 +8,7 @@ pub mod config;
 pub mod entry;
 pub mod ids;
 pub mod metadata;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic;
 pub mod wire;

@@ -1,5 +1,6 @@
-//! Test support (feature `testing`): a throw-away single-member etcd server, and a throw-away
-//! S3-compatible server ([`S3Server`], in `testing/s3.rs`).
+//! Test support (feature `testing`): a throw-away single-member etcd server, a throw-away
+//! S3-compatible server ([`S3Server`], in `testing/s3.rs`), and waiting for a condition
+//! ([`wait_until`], [`wait_for`], in `testing/wait.rs`).
 //!
 //! This module owns the etcd child process of a test: its temporary data directory, its two
 //! ports and its log file. It never touches an etcd it did not start, and it kills (and reaps)
@@ -13,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod s3;
+mod wait;
 pub use s3::{MOTO_SERVER_ENV, S3Server};
+pub use wait::{WAIT, wait_for, wait_until};
 
 /// How long etcd gets to start answering.
 const START_DEADLINE: Duration = Duration::from_secs(30);

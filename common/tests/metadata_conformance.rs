@@ -62,7 +62,10 @@ async fn etcd_paused_gives_unavailable_not_a_hang() {
     server.resume().expect("resume etcd");
     let result = outcome.expect("a request to a paused etcd must end by its timeout");
     assert!(matches!(result, Err(MetadataError::Unavailable(_))), "{result:?}");
-    conformance::wait_until("etcd answers again", || async { store.get("/k").await.is_ok() }).await;
+    magnetar_common::testing::wait_until("etcd answers again", magnetar_common::testing::WAIT, || async {
+        store.get("/k").await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,22 +159,6 @@ fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Polls `f` until it returns `Some`, up to the deadline.
-pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Deterministic payload for (ledger, entry) of a given size.
 pub fn payload(ledger: u64, entry: u64, size: usize) -> Vec<u8> {
     let mut x = ledger.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ entry.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::testing::wait_until;
+
 use super::{
     KeyValue, LeaseKeeper, LeaseState, MAX_KEY_BYTES, MAX_VALUE_BYTES, MetadataError, PutOptions, SharedStore,
     WatchEvent,
@@ -21,8 +23,6 @@ use super::{
 
 /// How long a check waits for something that must happen soon (expiry, an event).
 const DEADLINE: Duration = Duration::from_secs(30);
-/// Pause between two polls of a condition.
-const POLL_EVERY: Duration = Duration::from_millis(50);
 /// Short lease ttl used by the expiry checks (etcd rounds it up to its minimum, about 2 s).
 const SHORT_TTL: Duration = Duration::from_secs(1);
 
@@ -60,19 +60,6 @@ pub fn unique_prefix(check: &str) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("/conformance/{check}-{}-{nanos}-{n}/", std::process::id())
-}
-
-/// Polls `condition` until it holds; panics after 30 s.
-pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what}: not true after {DEADLINE:?}");
-        tokio::time::sleep(POLL_EVERY).await;
-    }
 }
 
 async fn next_event(events: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
@@ -268,7 +255,7 @@ pub async fn lease_expiry_deletes_keys(store: &SharedStore) {
     store.put(&format!("{p}kept"), b("y"), PutOptions::any()).await.expect("put plain");
     assert!(store.get(&key).await.expect("get").is_some());
     let mut watch = store.watch(&p).await.expect("watch");
-    wait_until("leased key deleted", || async { store.get(&key).await.expect("get").is_none() }).await;
+    wait_until("leased key deleted", DEADLINE, || async { store.get(&key).await.expect("get").is_none() }).await;
     assert_eq!(next_event(&mut watch.events).await, WatchEvent::Delete { key: key.clone() });
     let renewed = store.renew_lease(lease).await;
     assert!(matches!(renewed, Err(MetadataError::LeaseExpired(id)) if id == lease), "{renewed:?}");
@@ -360,7 +347,7 @@ pub async fn lease_keeper_detects_loss(store: &SharedStore) {
     let keeper = LeaseKeeper::start(Arc::clone(store), SHORT_TTL * 2).await.expect("start");
     store.revoke_lease(keeper.lease_id()).await.expect("revoke behind the keeper");
     let state = keeper.state();
-    wait_until("keeper reports Lost", || {
+    wait_until("keeper reports Lost", DEADLINE, || {
         let lost = *state.borrow() == LeaseState::Lost;
         async move { lost }
     })
