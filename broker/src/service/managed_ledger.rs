@@ -158,6 +158,8 @@ pub struct ManagedLedger {
     offloader: Option<Arc<Offloader>>,
     /// The last failed read of offloaded entries (cleared by a successful one).
     offload_read_error: Mutex<Option<String>>,
+    /// The ledger whose deletion failed last: the next pass starts after it.
+    last_failed_deletion: Mutex<Option<u64>>,
 }
 
 enum AppendCmd {
@@ -277,6 +279,7 @@ impl ManagedLedger {
             stored_bytes: stored_bytes.into(),
             offloader,
             offload_read_error: Mutex::new(None),
+            last_failed_deletion: Mutex::new(None),
         });
         let actor = Appender {
             ml: Arc::downgrade(&ml),
@@ -644,27 +647,35 @@ impl ManagedLedger {
         self.lock().deleting.clone()
     }
 
-    /// Deletes each ledger in `deleting` (its objects, bookie copies and metadata; one already
-    /// gone counts as deleted) and takes those deleted out of the stored record. Returns the
-    /// ledgers still to delete: a failure is logged and retried at the next call, on this
-    /// broker or on the topic's next owner.
+    /// Deletes the ledgers in `deleting` (objects, bookie copies and metadata; one already gone
+    /// counts as deleted) and takes those deleted out of the stored record. Returns the ledgers
+    /// still to delete, retried at the next call, on this broker or on the topic's next owner.
+    /// A pass stops at its first failure: that is most often the object store or the metadata
+    /// store being down, and every other deletion would wait as long for the same answer. The
+    /// next pass starts after the ledger that failed, so one that cannot be deleted does not
+    /// hold up the others.
     pub async fn delete_pending(&self) -> Vec<u64> {
         let pending = self.deleting();
         if pending.is_empty() {
             return pending;
         }
+        let last_failed = *self.last_failed_deletion.lock().unwrap_or_else(|p| p.into_inner());
         let mut deleted = Vec::new();
-        for &id in &pending {
+        let mut failed = None;
+        for id in deletion_order(pending, last_failed) {
             match super::offloader::delete_ledger(&self.client, self.offloader.as_deref(), id).await {
                 Ok(()) => {
                     info!(topic = %self.topic, ledger_id = id, "ledger deleted");
                     deleted.push(id);
                 }
                 Err(e) => {
-                    warn!(topic = %self.topic, ledger_id = id, error = %e, "delete ledger taken off the list (retried at the next retention check)")
+                    warn!(topic = %self.topic, ledger_id = id, error = %e, "delete ledger taken off the list (this and the rest retried at the next retention check)");
+                    failed = Some(id);
+                    break;
                 }
             }
         }
+        *self.last_failed_deletion.lock().unwrap_or_else(|p| p.into_inner()) = failed;
         if !deleted.is_empty()
             && let Err(e) = self.forget_deleted(deleted).await
         {
@@ -697,6 +708,15 @@ impl ManagedLedger {
     fn forget_reader(&self, ledger_id: u64) {
         self.readers.lock().unwrap_or_else(|p| p.into_inner()).remove(&ledger_id);
     }
+}
+
+/// The order a deletion pass tries `pending` in: from the ledger after `last_failed` (the one
+/// the previous pass stopped at) round to it, so that every ledger gets its turn.
+fn deletion_order(mut pending: Vec<u64>, last_failed: Option<u64>) -> Vec<u64> {
+    let start = pending.iter().position(|id| Some(*id) == last_failed).map_or(0, |i| i + 1);
+    let len = pending.len().max(1);
+    pending.rotate_left(start % len);
+    pending
 }
 
 fn now_ms() -> u64 {
@@ -1210,6 +1230,16 @@ mod tests {
             serde_json::from_str(r#"{"retention":{"size":"0B"}}"#).expect("parses");
         p.validate(&crate::config::BrokerConfig::default()).expect("valid");
         assert_eq!(retention_candidates(&ledgers(), Position::new(4, 0), &p.retention, 0), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_deletion_pass_starts_after_the_ledger_the_last_one_stopped_at() {
+        assert_eq!(deletion_order(vec![3, 5, 7], None), [3, 5, 7]);
+        assert_eq!(deletion_order(vec![3, 5, 7], Some(3)), [5, 7, 3]);
+        assert_eq!(deletion_order(vec![3, 5, 7], Some(7)), [3, 5, 7]);
+        // The ledger that failed was deleted since (by another broker): from the start.
+        assert_eq!(deletion_order(vec![3, 5, 7], Some(4)), [3, 5, 7]);
+        assert_eq!(deletion_order(vec![], Some(4)), Vec::<u64>::new());
     }
 
     #[test]
