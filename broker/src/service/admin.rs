@@ -237,21 +237,18 @@ impl BrokerService {
             info!(topic = %name, "topic deleted");
             return Ok(());
         };
-        let mut failed = Vec::new();
-        for &id in &ledgers {
+        // Stop at the first failure: with a store down, every other deletion would wait as long
+        // for the same answer. Those deleted already are found gone the next time.
+        for (i, &id) in ledgers.iter().enumerate() {
             let offloader = self.ctx.offloader.as_deref();
             if let Err(e) = super::offloader::delete_ledger(self.ledgers(), offloader, id).await {
                 warn!(topic = %name, ledger_id = id, error = %e, "delete ledger of deleted topic");
-                failed.push(format!("{id} ({e})"));
+                return Err(ServiceError::Unavailable(format!(
+                    "topic {name}: ledger {id} could not be deleted ({e}); {} of its {} ledgers are left and its ledger list is kept: delete the topic again to finish",
+                    ledgers.len() - i,
+                    ledgers.len(),
+                )));
             }
-        }
-        if !failed.is_empty() {
-            return Err(ServiceError::Unavailable(format!(
-                "topic {name}: {} of its {} ledgers could not be deleted: {}; its ledger list is kept, delete the topic again to finish",
-                failed.len(),
-                ledgers.len(),
-                failed.join(", ")
-            )));
         }
         match self.store().delete(&managed_ledger::key(&name), Some(version)).await {
             Ok(_) => {}
