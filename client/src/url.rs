@@ -79,11 +79,7 @@ impl BrokerUrl {
 /// exactly when their canonical forms are equal.
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "quic://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "quic://{}:{}", self.host, self.port)
-        }
+        write!(f, "quic://{}", HostPort { host: self.host.clone(), port: self.port })
     }
 }
 
