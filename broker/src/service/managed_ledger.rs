@@ -260,7 +260,7 @@ impl ManagedLedger {
         let version = match write_list(&store, &key, &new_list, version).await {
             Ok(v) => v,
             Err(e) => {
-                let _ = client.delete(writer.ledger_id()).await;
+                delete_unlisted(&client, &topic, writer.ledger_id()).await;
                 return Err(e);
             }
         };
@@ -838,6 +838,14 @@ async fn create_ledger(
     Ok(client.create(config.ensemble_size, config.write_quorum, config.ack_quorum, custom).await?)
 }
 
+/// Deletes a ledger just created whose listing failed (it holds no entry). If that fails too,
+/// nothing records it: the WARN names it for an operator to delete.
+async fn delete_unlisted(client: &LedgerClient, topic: &TopicName, ledger_id: u64) {
+    if let Err(e) = client.delete(ledger_id).await {
+        warn!(%topic, ledger_id, error = %e, "delete an empty ledger that could not be listed; it is left in the metadata store, listed by no topic");
+    }
+}
+
 async fn write_list(
     store: &SharedStore,
     key: &str,
@@ -1083,7 +1091,7 @@ impl Appender {
         match write_list(&self.store, &self.key, &list, Some(self.version)).await {
             Ok(v) => self.version = v,
             Err(e) => {
-                let _ = ml.client.delete(writer.ledger_id()).await;
+                delete_unlisted(&ml.client, &ml.topic, writer.ledger_id()).await;
                 return Err(e);
             }
         }
