@@ -63,7 +63,10 @@ impl QuicServer {
         mtu.upper_bound(MAX_UDP_PAYLOAD_BYTES);
         transport.mtu_discovery_config(Some(mtu));
         server.transport_config(Arc::new(transport));
-        let endpoint = Endpoint::server(server, config.quic_addr)?;
+        let bound = magnetar_common::udp::bind(config.quic_addr, magnetar_common::udp::BUFFER_BYTES)?;
+        info!(addr = %config.quic_addr, recv_buffer_bytes = bound.recv_buffer_bytes, "QUIC socket bound (raise net.core.rmem_max for a larger receive buffer)");
+        let endpoint =
+            Endpoint::new(quinn::EndpointConfig::default(), Some(server), bound.socket, Arc::new(quinn::TokioRuntime))?;
         let local_addr = endpoint.local_addr()?;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();

@@ -163,7 +163,11 @@ async fn connect(
     } else {
         SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
     };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect(format!("open a UDP socket: {e}")))?;
+    let endpoint = magnetar_common::udp::bind(bind, magnetar_common::udp::BUFFER_BYTES)
+        .and_then(|b| {
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, b.socket, Arc::new(quinn::TokioRuntime))
+        })
+        .map_err(|e| Error::Connect(format!("open a UDP socket: {e}")))?;
     let connecting = endpoint.connect_with(config, addr, server_name).map_err(|e| match e {
         quinn::ConnectError::InvalidServerName(name) => {
             Error::InvalidArgument(format!("TLS server name {name:?} is not a valid DNS name or IP address"))

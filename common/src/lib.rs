@@ -11,4 +11,5 @@ pub mod metadata;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topic;
+pub mod udp;
 pub mod wire;
