@@ -95,7 +95,13 @@ async fn quic(duration: Duration) -> anyhow::Result<u64> {
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?));
     server.transport_config(Arc::new(transport()));
-    let endpoint = quinn::Endpoint::server(server, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    // Sockets bound as the broker's and the client's are, for a like-for-like baseline.
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        udp_socket()?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     let addr = endpoint.local_addr()?;
     let receiver = tokio::spawn(async move {
         let conn = endpoint.accept().await.context("no connection")?.await?;
@@ -115,7 +121,8 @@ async fn quic(duration: Duration) -> anyhow::Result<u64> {
     client_tls.alpn_protocols = vec![b"loopback".to_vec()];
     let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?));
     client.transport_config(Arc::new(transport()));
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket()?, Arc::new(quinn::TokioRuntime))?;
     endpoint.set_default_client_config(client);
     let conn = endpoint.connect(addr, "localhost")?.await?;
     let mut send = conn.open_uni().await?;
@@ -141,4 +148,10 @@ fn transport() -> quinn::TransportConfig {
     mtu.upper_bound(65_527);
     t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// A loopback UDP socket with the buffers Magnetar's endpoints ask for.
+fn udp_socket() -> std::io::Result<std::net::UdpSocket> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok(magnetar_common::udp::bind(addr, magnetar_common::udp::BUFFER_BYTES)?.socket)
 }
