@@ -61,8 +61,6 @@ pub struct OffloadConfig {
     pub part_bytes: ByteSize,
     /// Parts uploaded at once per segment.
     pub upload_concurrency: usize,
-    /// For the offloader's batching: objects of at least this size keep PUT cost per GiB low.
-    pub min_object_bytes: ByteSize,
     /// A read that misses the cache fetches at least this much (to the end of the segment's
     /// data at most), so sequential catch-up reads make few, large GETs.
     pub read_ahead_bytes: ByteSize,
@@ -91,7 +89,6 @@ impl Default for OffloadConfig {
             retry_max_backoff: backoff.max_backoff,
             part_bytes: ByteSize::mib(8),
             upload_concurrency: 4,
-            min_object_bytes: ByteSize::mib(4),
             read_ahead_bytes: ByteSize::mib(8),
             cache_bytes: ByteSize::mib(128),
         }
@@ -116,7 +113,6 @@ impl std::fmt::Debug for OffloadConfig {
             .field("retry_max_backoff", &self.retry_max_backoff)
             .field("part_bytes", &self.part_bytes)
             .field("upload_concurrency", &self.upload_concurrency)
-            .field("min_object_bytes", &self.min_object_bytes)
             .field("read_ahead_bytes", &self.read_ahead_bytes)
             .field("cache_bytes", &self.cache_bytes)
             .finish()
@@ -162,9 +158,6 @@ impl OffloadConfig {
                 "offload.upload_concurrency is {}; it must be between 1 and 64",
                 self.upload_concurrency
             ));
-        }
-        if self.min_object_bytes.as_u64() == 0 {
-            return fail("offload.min_object_bytes must be positive".into());
         }
         let read_ahead = self.read_ahead_bytes.as_u64();
         if !(1024 * 1024..=1024 * 1024 * 1024).contains(&read_ahead) {
@@ -325,7 +318,6 @@ mod tests {
             (OffloadConfig { access_key_id: Some("a".into()), ..base.clone() }, "offload.secret_access_key"),
             (OffloadConfig { endpoint: Some("127.0.0.1:9000".into()), ..base.clone() }, "offload.endpoint"),
             (OffloadConfig { endpoint: Some("http://127.0.0.1:9000".into()), ..base.clone() }, "offload.allow_http"),
-            (OffloadConfig { min_object_bytes: ByteSize::b(0), ..base.clone() }, "offload.min_object_bytes"),
         ];
         for (config, key) in cases {
             let err = config.validate().expect_err(key).0;
@@ -353,7 +345,6 @@ mod tests {
         c.validate().expect("valid");
         assert_eq!(c.part_bytes, ByteSize::mib(16));
         assert_eq!(c.request_timeout, Duration::from_secs(10));
-        assert_eq!(c.min_object_bytes, ByteSize::mib(4));
         assert_eq!(format!("{c:?}").matches("minioadmin").count(), 1, "the secret must not be printed");
         assert!(format!("{c:?}").contains("<redacted>"));
         let unknown = toml::from_str::<OffloadConfig>("url = \"memory://\"\nbucket = \"x\"");

@@ -36,8 +36,8 @@
 //!   keeps its parts until a lifecycle rule for incomplete multipart uploads removes them). One
 //!   that crashes after `finish` but before the metadata commit leaves an unreferenced object:
 //!   [`OffloadStore::list_segments`] finds it and [`OffloadStore::delete_segment`] removes it.
-//! - A ledger may be split into several segments (a `SegmentInfo` covers `first_entry..=last_entry`):
-//!   stop at [`OffloadStore::min_object_bytes`] or more, never past 10,000 parts.
+//! - A ledger may be split into several segments (a `SegmentInfo` covers `first_entry..=last_entry`);
+//!   a segment never has more than [`MAX_PARTS`] parts.
 //! - Errors: [`OffloadError::is_retryable`] says whether to back off and retry (store down,
 //!   timeouts, 5xx) or to give up (missing or corrupt object, refused credentials, bad request).
 //! - Raw throughput of the same store (for benchmarks): [`OffloadStore::object_store`] and
@@ -79,7 +79,6 @@ struct Inner {
     local_dir: Option<PathBuf>,
     part_bytes: usize,
     upload_concurrency: usize,
-    min_object_bytes: u64,
     read_ahead_bytes: u64,
     cache: Option<moka::sync::Cache<reader::BlockKey, Bytes>>,
     metrics: StoreMetrics,
@@ -133,7 +132,6 @@ impl OffloadStore {
                 local_dir,
                 part_bytes: config.part_bytes.as_u64() as usize,
                 upload_concurrency: config.upload_concurrency,
-                min_object_bytes: config.min_object_bytes.as_u64(),
                 read_ahead_bytes: config.read_ahead_bytes.as_u64(),
                 cache: block_cache(config.cache_bytes.as_u64()),
             }),
@@ -152,7 +150,6 @@ impl OffloadStore {
                 local_dir: i.local_dir.clone(),
                 part_bytes: i.part_bytes,
                 upload_concurrency: i.upload_concurrency,
-                min_object_bytes: i.min_object_bytes,
                 read_ahead_bytes: i.read_ahead_bytes,
                 cache: block_cache(cache_bytes),
                 metrics: i.metrics.clone(),
@@ -184,11 +181,6 @@ impl OffloadStore {
     /// The configured `part_bytes`: size of multipart upload parts.
     pub fn part_bytes(&self) -> u64 {
         self.inner.part_bytes as u64
-    }
-
-    /// The configured `min_object_bytes`: the offloader's batching target.
-    pub fn min_object_bytes(&self) -> u64 {
-        self.inner.min_object_bytes
     }
 
     /// Starts a new segment of `ledger_id` under a fresh key
