@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,9 @@ use magnetar_broker::service::policies::{NamespacePolicies, RetentionPolicy};
 use magnetar_broker::service::{BrokerService, ConsumerEvent, ConsumerHandle, ServiceError, SubscribeParams, Topic};
 use magnetar_common::batch::{self, BatchBuilder, Compression, Message};
 use magnetar_common::ids::Position;
-use magnetar_common::metadata::SharedStore;
+use magnetar_common::metadata::{
+    self, KeyValue, LeaseId, MetadataStore, PutOptions, SharedStore, Version, Versioned, Watch,
+};
 use magnetar_common::testing::wait_until;
 use magnetar_common::wire::{InitialPosition, SubscriptionType};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -54,14 +57,19 @@ impl Env {
     }
 
     async fn broker_with(&self, tweak: impl FnOnce(&mut BrokerConfig)) -> Arc<BrokerService> {
+        self.broker_over(self.store.clone(), tweak).await
+    }
+
+    /// A broker (and its ledger client) on `store` instead of the environment's own.
+    async fn broker_over(&self, store: SharedStore, tweak: impl FnOnce(&mut BrokerConfig)) -> Arc<BrokerService> {
         let mut cfg = BrokerConfig::default();
         cfg.ledger.ensemble_size = 1;
         cfg.ledger.write_quorum = 1;
         cfg.ledger.ack_quorum = 1;
         cfg.data_dir = self.dir.path().join("broker");
         tweak(&mut cfg);
-        let ledgers = LedgerClient::new(self.store.clone(), cfg.ledger_client.clone()).await.expect("ledger client");
-        let svc = BrokerService::new(cfg, self.store.clone(), ledgers, Arc::new(Metrics::new())).expect("service");
+        let ledgers = LedgerClient::new(store.clone(), cfg.ledger_client.clone()).await.expect("ledger client");
+        let svc = BrokerService::new(cfg, store, ledgers, Arc::new(Metrics::new())).expect("service");
         // Every broker of these tests is shut down (releasing its lease) before the next starts.
         svc.join_cluster("127.0.0.1:6650", "127.0.0.1:8080").await.expect("join the cluster");
         svc
@@ -602,6 +610,95 @@ async fn empty_ledgers_dropped_on_load_are_deleted() {
     let v = env.store.get(&magnetar_broker::service::managed_ledger::key(&name)).await.expect("get").expect("listed");
     let list: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
     assert!(list.get("deleting").is_none(), "nothing left to delete: {list}");
+    svc.shutdown().await;
+    env.stop().await;
+}
+
+/// The environment's store, except that deletions of ledger metadata wait while the gate is
+/// closed: a topic deletion can be held half way.
+#[derive(Debug)]
+struct GatedStore {
+    inner: SharedStore,
+    open: tokio::sync::watch::Sender<bool>,
+    held: AtomicUsize,
+}
+
+impl GatedStore {
+    fn new(inner: SharedStore) -> Arc<Self> {
+        Arc::new(Self { inner, open: tokio::sync::watch::Sender::new(true), held: AtomicUsize::new(0) })
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for GatedStore {
+    async fn get(&self, key: &str) -> metadata::Result<Option<Versioned>> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, value: Bytes, options: PutOptions) -> metadata::Result<Version> {
+        self.inner.put(key, value, options).await
+    }
+    async fn delete(&self, key: &str, expected: Option<Version>) -> metadata::Result<bool> {
+        if key.starts_with(magnetar_bookie::client::meta::LEDGERS_PREFIX) {
+            let mut open = self.open.subscribe();
+            if !*open.borrow_and_update() {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                open.wait_for(|open| *open).await.expect("gate kept");
+            }
+        }
+        self.inner.delete(key, expected).await
+    }
+    async fn list(&self, prefix: &str) -> metadata::Result<Vec<KeyValue>> {
+        self.inner.list(prefix).await
+    }
+    async fn watch(&self, prefix: &str) -> metadata::Result<Watch> {
+        self.inner.watch(prefix).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> metadata::Result<LeaseId> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn renew_lease(&self, lease: LeaseId) -> metadata::Result<()> {
+        self.inner.renew_lease(lease).await
+    }
+    async fn revoke_lease(&self, lease: LeaseId) -> metadata::Result<()> {
+        self.inner.revoke_lease(lease).await
+    }
+}
+
+/// While a topic's deletion runs, this broker does not load the topic again: a producer that
+/// reconnects at once (a forced deletion disconnects it) would otherwise write to a topic whose
+/// ledgers are being deleted under it. Once the deletion ends, the topic is created anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_being_deleted_is_not_loaded_again_until_the_deletion_ends() {
+    let env = Env::new().await;
+    let gate = GatedStore::new(env.store.clone());
+    let svc = env.broker_over(gate.clone(), |_| {}).await;
+    let topic = "doomed";
+    produce(&svc, topic, &texts(3, "old")).await;
+
+    gate.set_open(false);
+    let deletion = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.delete_topic(topic, true).await }
+    });
+    wait_until("the deletion to reach the ledgers", WAIT, || async { gate.held.load(Ordering::SeqCst) > 0 }).await;
+    let refused = |r: Result<(), ServiceError>| match r {
+        Err(ServiceError::Unavailable(m)) => assert!(m.contains("is being deleted"), "{m}"),
+        other => panic!("refused as being deleted, not {other:?}"),
+    };
+    refused(svc.create_producer(topic, "").await.map(|_| ()));
+    refused(svc.subscribe(topic, params("s", SubscriptionType::Exclusive, "c")).await.map(|_| ()));
+    refused(svc.topic_stats(topic).await.map(|_| ()));
+    assert!(!deletion.is_finished(), "the gate holds the deletion");
+
+    gate.set_open(true);
+    deletion.await.expect("join").expect("deleted");
+    let (_c, mut events) = subscribe(&svc, topic, params("s", SubscriptionType::Exclusive, "c"), 10).await;
+    produce(&svc, topic, &texts(1, "new")).await;
+    assert_eq!(next_message(&mut events).await.payload, "new0", "a new, empty topic");
     svc.shutdown().await;
     env.stop().await;
 }

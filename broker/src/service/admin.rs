@@ -206,9 +206,10 @@ impl BrokerService {
 
     /// Deletes a topic: its cursors, its ledgers, then its ledger list. Refused while producers
     /// or consumers are attached, unless `force` (they are disconnected; with automatic topic
-    /// creation on, a reconnecting client creates the topic anew). When a ledger cannot be
-    /// deleted (object store or metadata store unavailable) the list stays, naming what is left,
-    /// and the request fails: deleting the topic again finishes the work.
+    /// creation on, a reconnecting client creates the topic anew once the deletion has ended:
+    /// until then this broker refuses to load it). When a ledger cannot be deleted (object store
+    /// or metadata store unavailable) the list stays, naming what is left, and the request fails:
+    /// deleting the topic again finishes the work.
     pub async fn delete_topic(&self, topic: &str, force: bool) -> Result<(), ServiceError> {
         let t = self.existing_topic(topic).await?;
         let name = t.name().clone();
@@ -227,6 +228,7 @@ impl BrokerService {
                 )));
             }
         }
+        let _deleting = self.mark_deleting(&name)?;
         self.unload(&name).await;
         for kv in self.store().list(&format!("{}/", cursor_key(&name.path(), "").trim_end_matches('/'))).await? {
             self.store().delete(&kv.key, None).await?;

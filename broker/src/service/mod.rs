@@ -12,7 +12,7 @@ pub mod policies;
 pub mod subscription;
 pub mod topic;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use magnetar_bookie::client::{LedgerClient, LedgerError};
@@ -138,6 +138,21 @@ pub struct BrokerService {
     ownership: Arc<Ownership>,
     guard: Mutex<Option<tokio::task::JoinHandle<()>>>,
     rates: Mutex<admin::Rates>,
+    /// Topics being deleted by this broker: not loaded again until the deletion ends (else a
+    /// reconnecting client would reload a topic whose ledgers are being deleted under it).
+    deleting: Mutex<HashSet<TopicName>>,
+}
+
+/// Marks a topic as being deleted for as long as it lives (see [`BrokerService::deleting`]).
+struct DeletingTopic<'a> {
+    set: &'a Mutex<HashSet<TopicName>>,
+    name: TopicName,
+}
+
+impl Drop for DeletingTopic<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
+    }
 }
 
 impl BrokerService {
@@ -177,6 +192,7 @@ impl BrokerService {
             ownership,
             guard: Mutex::new(None),
             rates: Mutex::new(admin::Rates::default()),
+            deleting: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -243,6 +259,7 @@ impl BrokerService {
     /// [`Self::topic`], creating the topic if missing only when `create`.
     pub async fn topic_with(&self, name: &str, create: bool) -> Result<Arc<Topic>, ServiceError> {
         let name = TopicName::parse(name).map_err(|e| ServiceError::InvalidTopic(e.to_string()))?;
+        self.refuse_if_deleting(&name)?;
         let cell = {
             let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
             topics.entry(name.clone()).or_default().clone()
@@ -273,7 +290,28 @@ impl BrokerService {
             topic.abandon().await;
             return Err(ServiceError::NotOwner { topic: topic.name().to_string(), owner: None });
         }
+        if let Err(e) = self.refuse_if_deleting(topic.name()) {
+            // Its deletion began while it loaded, after the deletion's unload had looked.
+            self.forget(topic.name(), &cell);
+            topic.close().await;
+            return Err(e);
+        }
         Ok(topic)
+    }
+
+    fn refuse_if_deleting(&self, name: &TopicName) -> Result<(), ServiceError> {
+        if self.deleting.lock().unwrap_or_else(|p| p.into_inner()).contains(name) {
+            return Err(ServiceError::Unavailable(format!("topic {name} is being deleted")));
+        }
+        Ok(())
+    }
+
+    /// Marks `name` as being deleted until the returned guard drops; refused if it already is.
+    fn mark_deleting(&self, name: &TopicName) -> Result<DeletingTopic<'_>, ServiceError> {
+        if !self.deleting.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
+            return Err(ServiceError::Conflict(format!("topic {name} is already being deleted")));
+        }
+        Ok(DeletingTopic { set: &self.deleting, name: name.clone() })
     }
 
     /// Removes a topic's cell from the map if it is still `cell`.
