@@ -18,6 +18,57 @@ dd_baseline() {
   echo "   runs:$DD_ALL MB/s; median $DD_MBS MB/s"
 }
 
+# fsync_baseline DIR MB_PER_SEC: the disk's own fdatasync latency for a journal-shaped load, with
+# fio (Debian's, installed when missing): 128 KiB writes at MB_PER_SEC into a fresh file, each
+# followed by an fdatasync, for 15 s; once alone and once beside a second stream at the same rate
+# (1 MiB buffered writes, started with sync_file_range, as the bookie's flusher writes entry logs).
+# A publish waits for at least one such fdatasync after its record is written, so these are the
+# floor of its latency on this disk; the line also gives the share of the run in which the
+# fdatasync in progress had more than 10 ms left (records arriving then wait longer than that
+# before theirs starts). Sets FSYNC_ALONE and FSYNC_BESIDE to "p50 X ms, p99 Y ms,
+# p99.9 Z ms, max W ms" (or why it was not measured), and FSYNC_CMD to the command.
+fsync_baseline() { # DIR MB_PER_SEC
+  local dir=$1 rate=$2
+  FSYNC_CMD="fio --ioengine=sync --time_based --runtime=15 --output-format=json+ --name=journal --filename=$dir/fio-journal --size=1G --bs=128k --rw=write --fdatasync=1 --rate=${rate}m [--name=entrylog --filename=$dir/fio-entrylog --size=2G --bs=1m --rw=write --rate=${rate}m --sync_file_range=write:1]"
+  command -v fio >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; } || true
+  if ! command -v fio >/dev/null; then
+    FSYNC_ALONE="not measured (fio could not be installed)"; FSYNC_BESIDE=$FSYNC_ALONE; return 0
+  fi
+  local journal=(--name=journal "--filename=$dir/fio-journal" --size=1G --bs=128k --rw=write --fdatasync=1 "--rate=${rate}m")
+  local entrylog=(--name=entrylog "--filename=$dir/fio-entrylog" --size=2G --bs=1m --rw=write "--rate=${rate}m" --sync_file_range=write:1)
+  local how
+  for how in alone beside; do
+    echo "== baseline: journal-shaped fdatasync latency at $rate MB/s, $how"
+    local jobs=("${journal[@]}")
+    [ "$how" = beside ] && jobs+=("${entrylog[@]}")
+    rm -f "$dir"/fio-journal "$dir"/fio-entrylog
+    if fio --ioengine=sync --time_based --runtime=15 --output-format=json+ "${jobs[@]}" > "$dir/fsync-$how.json" 2> "$dir/fsync-$how.err"; then
+      python3 - "$dir/fsync-$how.json" > "$dir/fsync-$how.line" <<'PY'
+import json, sys
+job = next(j for j in json.load(open(sys.argv[1]))["jobs"] if j["jobname"] == "journal")
+lat = job["sync"]["lat_ns"]
+p = lat["percentile"]
+ms = lambda ns: "%.1f ms" % (ns / 1e6)
+# A record written at a random moment waits for the fdatasync in progress before its own: the
+# share of the run in which the one in progress had more than 10 ms left is the share of records
+# that wait longer than that before their own fdatasync even starts.
+over = sum(n * max(0, int(ns) - 10_000_000) for ns, n in lat["bins"].items())
+share = 100 * over / (job["job_runtime"] * 1e6)
+print("p50 %s, p99 %s, p99.9 %s, max %s over %d fdatasyncs; %.2f %% of the time one had more than 10 ms left" % (
+    ms(p["50.000000"]), ms(p["99.000000"]), ms(p["99.900000"]), ms(lat["max"]), lat["N"], share))
+PY
+    else
+      cat "$dir/fsync-$how.err" >&2
+      echo "not measured (fio failed)" > "$dir/fsync-$how.line"
+    fi
+    rm -f "$dir"/fio-journal "$dir"/fio-entrylog
+    echo "   $(cat "$dir/fsync-$how.line")"
+  done
+  FSYNC_ALONE=$(cat "$dir/fsync-alone.line")
+  FSYNC_BESIDE=$(cat "$dir/fsync-beside.line")
+}
+
 # write_section FILE NAME TEXT [AFTER]: puts TEXT (which starts with `<!-- NAME:start -->` and ends
 # with `<!-- NAME:end -->`) into FILE in place of the old section of that name; a new section goes
 # after the `<!-- AFTER:end -->` marker when there is one, else at the end. Creates FILE (the
