@@ -29,21 +29,22 @@ dd_baseline() {
 # p99.9 Z ms, max W ms" (or why it was not measured), and FSYNC_CMD to the command.
 fsync_baseline() { # DIR MB_PER_SEC
   local dir=$1 rate=$2
-  FSYNC_CMD="fio --ioengine=sync --time_based --runtime=15 --output-format=json+ --name=journal --filename=$dir/fio-journal --size=1G --bs=128k --rw=write --fdatasync=1 --rate=${rate}m [--name=entrylog --filename=$dir/fio-entrylog --size=2G --bs=1m --rw=write --rate=${rate}m --sync_file_range=write:1]"
+  local common=(--ioengine=sync --time_based --runtime=15 --output-format=json+)
+  local journal=(--name=journal "--filename=$dir/fio-journal" --size=1G --bs=128k --rw=write --fdatasync=1 "--rate=${rate}m")
+  local entrylog=(--name=entrylog "--filename=$dir/fio-entrylog" --size=2G --bs=1m --rw=write "--rate=${rate}m" --sync_file_range=write:1)
+  FSYNC_CMD="fio ${common[*]} ${journal[*]} [${entrylog[*]}]"
   command -v fio >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; } || true
   if ! command -v fio >/dev/null; then
     FSYNC_ALONE="not measured (fio could not be installed)"; FSYNC_BESIDE=$FSYNC_ALONE; return 0
   fi
-  local journal=(--name=journal "--filename=$dir/fio-journal" --size=1G --bs=128k --rw=write --fdatasync=1 "--rate=${rate}m")
-  local entrylog=(--name=entrylog "--filename=$dir/fio-entrylog" --size=2G --bs=1m --rw=write "--rate=${rate}m" --sync_file_range=write:1)
   local how
   for how in alone beside; do
     echo "== baseline: journal-shaped fdatasync latency at $rate MB/s, $how"
     local jobs=("${journal[@]}")
     [ "$how" = beside ] && jobs+=("${entrylog[@]}")
     rm -f "$dir"/fio-journal "$dir"/fio-entrylog
-    if fio --ioengine=sync --time_based --runtime=15 --output-format=json+ "${jobs[@]}" > "$dir/fsync-$how.json" 2> "$dir/fsync-$how.err"; then
+    if fio "${common[@]}" "${jobs[@]}" > "$dir/fsync-$how.json" 2> "$dir/fsync-$how.err"; then
       python3 - "$dir/fsync-$how.json" > "$dir/fsync-$how.line" <<'PY'
 import json, sys
 job = next(j for j in json.load(open(sys.argv[1]))["jobs"] if j["jobname"] == "journal")

@@ -22,7 +22,8 @@ BIN=$ROOT/target/release/magnetar
 dd_baseline "$WORK"
 # 50,000 msg/s of 1 KiB plus record and entry headers: ~52 MB/s into the journal, and as much
 # again into the entry logs.
-fsync_baseline "$WORK" 52
+FSYNC_MBS=52
+fsync_baseline "$WORK" "$FSYNC_MBS"
 
 # The loopback ceiling: one raw stream, no broker, no storage (QUIC with the same TLS stack).
 for t in quic tcp; do
@@ -203,9 +204,9 @@ TCP), \`magnetar perf\` on the same machine over QUIC on loopback, TLS on.
 - Produce, 100 B messages: $OPS100 msg/s ($MB100 MB/s).$(details produce-100)
 - 50,000 msg/s of 1 KiB (achieved $RATE50 msg/s): publish $(lat e2e-50k produced); end to end
   $(lat e2e-50k consumed); $CHECK50.$(details e2e-50k)
-  The disk's own fdatasync latency for the same bytes (fio, 128 KiB writes at 52 MB/s, each
+  The disk's own fdatasync latency for the same bytes (fio, 128 KiB writes at $FSYNC_MBS MB/s, each
   followed by an fdatasync, 15 s, before the standalone starts): alone, $FSYNC_ALONE; beside a
-  second 52 MB/s stream like the entry logs', $FSYNC_BESIDE.
+  second $FSYNC_MBS MB/s stream like the entry logs', $FSYNC_BESIDE.
 - 10,000 msg/s of 1 KiB (achieved $RATE10 msg/s): publish $(lat e2e-10k produced); end to end
   $(lat e2e-10k consumed); $CHECK10.$(details e2e-10k)
 - Catch-up consume of a 1 GiB backlog of 1 KiB messages from the bookie: $CATCHUP_MB MB/s ($CATCHUP_OPS msg/s);
@@ -283,7 +284,7 @@ write_section "$OUT" broker-bench "$SECTION" bookie-bench
 QUIC_BASE="dd conv=fdatasync $DD_MBS MB/s; raw QUIC stream $QUIC_MBS MB/s"
 summary_row "broker: produce, 1 KiB messages" "$MB1K MB/s ($OPS1K msg/s)" "$QUIC_BASE" "$(pct "$MB1K" "$DD_MBS") of dd, $(pct "$MB1K" "$QUIC_MBS") of QUIC" ">= 150 MB/s: $V1K" "${CMD_OF[produce-1k]}"
 summary_row "broker: produce, 100 B messages" "$OPS100 msg/s ($MB100 MB/s)" "" "" ">= 500,000 msg/s: $V100" "${CMD_OF[produce-100]}"
-SCHED50="disk fdatasync, journal-shaped at 52 MB/s beside a second stream (fio): $FSYNC_BESIDE; 1 ms sleep woke late (cyclictest) during the run: $(cat "$WORK/e2e-50k-sched.line"); at rest: $SCHED_REST"
+SCHED50="disk fdatasync, journal-shaped at $FSYNC_MBS MB/s beside a second stream (fio): $FSYNC_BESIDE; 1 ms sleep woke late (cyclictest) during the run: $(cat "$WORK/e2e-50k-sched.line"); at rest: $SCHED_REST"
 summary_row "broker: publish latency at 50,000 msg/s of 1 KiB" "$(lat e2e-50k produced)" "$SCHED50" "" "p99 <= 10 ms: $VPUB50" "${CMD_OF[e2e-50k]}"
 summary_row "broker: end-to-end latency at 50,000 msg/s of 1 KiB" "$(lat e2e-50k consumed)" "$SCHED50" "" "p99 <= 15 ms: $VE2E50; $CHECK50" "${CMD_OF[e2e-50k]}"
 SCHED10="1 ms sleep woke late (cyclictest) during the run: $(cat "$WORK/e2e-10k-sched.line")"
